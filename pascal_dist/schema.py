@@ -1,0 +1,106 @@
+"""Typed configuration schema: every knob of a run, its default (the SPEC recipe) and what it means.
+
+Plain dataclasses with no I/O, so the model can take its own section without knowing about YAML.
+Loading, overrides and validation live in `pascal_dist.config`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class BiasConfig:
+    pascal_n: int = 3
+    """Layer of Pascal's pyramid the band coefficients come from (SPEC section 2: 3)."""
+    window: int = 3
+    """Number of biased diagonals: distance 0 .. window-1 (SPEC: 3, i.e. self, neighbour, skip pair)."""
+    theta_init: float = -1.5
+    """Initial value of the learnable skip parameter; skip factor = exp(-exp(theta))."""
+    warmup_steps: int = 4000
+    """T in alpha(t) = 0.01 + 0.99 min(t/T, 1), t = optimizer steps applied."""
+
+
+@dataclass
+class AttentionConfig:
+    backend: str = "sdpa"
+    """reference (dense math, the test oracle) | sdpa (SDPA with the bias as a float mask) | none (no bias)."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    """Must equal the tokenizer's vocabulary (checked against the data manifest)."""
+    block_size: int = 256
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.1
+    """Dropout on embeddings, residual branches and MLP."""
+    attn_dropout: float = 0.1
+    """Dropout on the attention weights."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward: trades ~30% more compute for much less activation memory."""
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    bias: BiasConfig = field(default_factory=BiasConfig)
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/embedded"
+    """Directory written by launcher/prepare_data.py (shards + manifest.json + tokenizer.json)."""
+    train_split: str = "train"
+    val_split: str = "val"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337
+    micro_batch_size: int = 64
+    """Sequences per rank per forward/backward."""
+    grad_accum: int = 2
+    """Micro-batches per optimizer step. Global batch = micro_batch_size x grad_accum x world size."""
+    max_steps: int = 20000
+    """Optimizer steps."""
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    """LR floor as a fraction of lr, reached at decay_steps and kept after."""
+    warmup_steps: int = 2000
+    decay_steps: int = 8000
+    """Step at which the cosine decay reaches the floor."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    """Evaluate every N optimizer steps (and at the end)."""
+    eval_batches: int = 100
+    """Validation micro-batches per rank per evaluation."""
+    compile: Optional[bool] = None
+    """torch.compile the model; None = on when a GPU is present."""
+    run_dir: str = "runs/default"
+    """Where TensorBoard events, checkpoints and the resolved config go."""
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    """Write train scalars every N optimizer steps."""
+    tensorboard: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000
+    """Save every N optimizer steps (and at the end); 0 = only at the end."""
+    keep_last: int = 3
+    """Checkpoints kept on disk (older ones are deleted after a successful save)."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
