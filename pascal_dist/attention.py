@@ -1,0 +1,109 @@
+"""Attention kernels: causal attention plus the Pascal band, behind one seam with named backends.
+
+A backend turns the band vector a (window,) into whatever its kernel wants ONCE per model forward
+(`prepare`, shared by all layers: SPEC lesson 1), then runs each layer (`attend`). Backends:
+
+  reference  dense softmax(QK^T/sqrt(hs) + bias + causal) V, softmax in float32; the oracle, any device
+  sdpa       F.scaled_dot_product_attention with the bias as a float mask (memory-efficient kernel)
+  none       F.scaled_dot_product_attention(is_causal=True), no bias: the ablation baseline
+
+Hook for the fused GPU backend (flash attention + the exact banded correction of ANCHORS.md, in
+Triton): its module defines a class with the same `name / uses_band / prepare / attend` members and
+calls `register_backend(FusedBackend())` when imported; `get_backend("fused")` then finds it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class AttentionBackend(Protocol):
+    name: str
+    uses_band: bool
+    """False: the model builds no Pascal bias at all and passes band=None."""
+
+    def prepare(self, band: Tensor | None, T: int, device: torch.device, dtype: torch.dtype) -> Any: ...
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Any, dropout_p: float) -> Tensor: ...
+
+
+def band_matrix(band: Tensor, T: int, device: torch.device) -> Tensor:
+    """Dense (T, T) bias with band[i - j] on the first len(band) diagonals, 0 elsewhere, -inf above.
+
+    Built with tensor ops only (no host sync, no data-dependent branch) so it stays in the compiled
+    graph and carries the gradient to the band.
+    """
+    pos = torch.arange(T, device=device)
+    dist = pos[:, None] - pos[None, :]  # (T, T) = i - j
+    window = band.shape[0]
+    padded = torch.cat([band, band.new_zeros(1)])  # index `window` reads 0: outside the band
+    idx = torch.where((dist >= 0) & (dist < window), dist, window)
+    bias = padded[idx]  # (T, T)
+    return bias.masked_fill(dist < 0, float("-inf"))
+
+
+class ReferenceBackend:
+    name = "reference"
+    uses_band = True
+
+    def prepare(self, band: Tensor | None, T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        # at least float32 whatever the compute dtype: the softmax runs in float32 (float64 in tests)
+        acc = torch.promote_types(dtype, torch.float32)
+        if band is None:
+            band = torch.zeros(1, device=device)
+        return band_matrix(band.to(acc), T, device)  # (T, T)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Tensor, dropout_p: float) -> Tensor:
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+        att = torch.softmax(att.to(prepared.dtype) + prepared, dim=-1)
+        if dropout_p > 0.0:
+            att = F.dropout(att, p=dropout_p, training=True)
+        return att.to(v.dtype) @ v  # (B, nh, T, hs)
+
+
+class SdpaBackend:
+    name = "sdpa"
+    uses_band = True
+
+    def prepare(self, band: Tensor | None, T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        if band is None:
+            band = torch.zeros(1, device=device)
+        return band_matrix(band, T, device).to(dtype)  # (T, T); the mask must match q's dtype
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Tensor, dropout_p: float) -> Tensor:
+        # a caller that guessed the compute dtype wrong still works (one cast per layer)
+        mask = prepared if prepared.dtype == q.dtype else prepared.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+class NoBiasBackend:
+    name = "none"
+    uses_band = False
+
+    def prepare(self, band: Tensor | None, T: int, device: torch.device, dtype: torch.dtype) -> None:
+        return None
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: None, dropout_p: float) -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+BACKENDS: dict[str, AttentionBackend] = {}
+
+
+def register_backend(backend: AttentionBackend) -> None:
+    """Add a backend under backend.name (the seam the fused GPU kernel plugs into)."""
+    BACKENDS[backend.name] = backend
+
+
+for _b in (ReferenceBackend(), SdpaBackend(), NoBiasBackend()):
+    register_backend(_b)
+
+
+def get_backend(name: str) -> AttentionBackend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; valid: {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[name]

@@ -1,0 +1,64 @@
+"""Command line: `pascal-dist train|prepare ...`, and the argument handling behind launcher/*.py.
+
+Bad input ends here as one line on stderr and exit code 2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parse_train_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="launcher/train.py", description=__doc__,
+                                epilog="Trailing key=value pairs override the config, e.g. train.max_steps=100")
+    p.add_argument("--config", default=None, help="YAML run config (default: the SPEC recipe)")
+    p.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default="configs/zero2.json",
+                   help="DeepSpeed JSON config (ZeRO stage, precision, communication)")
+    p.add_argument("--resume", default="never",
+                   help="'auto': continue from the latest checkpoint in train.run_dir if any; "
+                        "'never' (default): refuse a run_dir that already has checkpoints; or a checkpoint tag")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return p.parse_args(argv)
+
+
+def train_main(argv: list[str]) -> int:
+    from pascal_dist.config import ConfigError, load_config
+    from pascal_dist.data import DataError
+    from pascal_dist.dist_env import detect
+
+    args = _parse_train_args(argv)
+    env = detect()
+    trainer = None
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from pascal_dist.trainer import Trainer  # heavy imports (deepspeed) only once the config is good
+
+        trainer = Trainer(cfg, args.ds_config, env, resume=args.resume)
+        trainer.train()
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+    return 0
+
+
+def prepare_main(argv: list[str]) -> int:
+    from pascal_dist.data.prepare import main
+
+    return main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"train": train_main, "prepare": prepare_main}
+    if not argv or argv[0] not in commands:
+        print("usage: pascal-dist {train,prepare} [args...]", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

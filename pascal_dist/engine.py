@@ -1,0 +1,52 @@
+"""The DeepSpeed side of a run: process group, AdamW with decay groups, the SPEC LR schedule, the ZeRO engine.
+
+The model stays a plain nn.Module; this module is where it meets DeepSpeed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from pascal_dist.dist_env import DistEnv, export
+from pascal_dist.schema import TrainConfig
+
+
+def lr_lambda(t: TrainConfig) -> Callable[[int], float]:
+    """SPEC schedule as a multiplier of train.lr, in optimizer steps: linear warm-up, cosine to the floor, flat."""
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if step >= t.decay_steps:
+            return t.min_lr_ratio
+        progress = (step - t.warmup_steps) / max(1, t.decay_steps - t.warmup_steps)
+        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def init_distributed(env: DistEnv) -> None:
+    """Start the process group with the accelerator's backend (NCCL on GPUs, gloo on CPU)."""
+    import deepspeed
+
+    export(env)
+    deepspeed.init_distributed(verbose=False)
+
+
+def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict):
+    """Wrap `model` in a ZeRO engine; returns (engine, optimizer, lr_scheduler).
+
+    We build the optimizer ourselves so that weight decay follows `model.param_groups` (matrices and
+    embeddings decay; LayerNorm parameters and theta do not) and so the same code runs on CPU and GPU.
+    """
+    import deepspeed
+
+    groups = model.param_groups(train.weight_decay)
+    fused = torch.cuda.is_available()  # fused AdamW: one kernel for all parameters on GPU
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine, optimizer, scheduler

@@ -1,0 +1,222 @@
+"""The training loop: data -> model -> ZeRO engine -> metrics and checkpoints, with the bias-warmup counter.
+
+The bias-warmup counter t is the number of optimizer updates applied (`engine.global_steps`). The loop
+writes it into the model before each step's first micro-batch; nothing in forward advances it, so it is
+the same on every rank whatever the gradient accumulation, evaluation or resume, and it is checkpointed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pascal_dist import checkpoint
+from pascal_dist.bias import alpha as bias_alpha
+from pascal_dist.config import ConfigError, load_ds_config, to_yaml
+from pascal_dist.data import TrainLoader, val_batches
+from pascal_dist.dist_env import DistEnv
+from pascal_dist.engine import build_engine, init_distributed
+from pascal_dist.metrics import MetricsWriter, StepTimer, memory_gib
+from pascal_dist.model import PascalGPT
+from pascal_dist.schema import RunConfig
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _check_writable(run_dir: str) -> None:
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write-probe-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"train.run_dir '{run_dir}' is not writable: {e.strerror}") from None
+
+
+class Trainer:
+    """Owns one run. `train()` runs it to `train.max_steps`; `close()` releases writers and the process group."""
+
+    def __init__(self, cfg: RunConfig, ds_config_path: str, env: DistEnv, resume: str = "never"):
+        self.cfg, self.env = cfg, env
+        t = cfg.train
+        self.run_dir = t.run_dir
+        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        ds_config = load_ds_config(ds_config_path, cfg, env.world_size)
+        _check_writable(self.run_dir)
+        if resume == "never" and checkpoint.list_tags(self.ckpt_dir):
+            raise ConfigError(f"train.run_dir '{self.run_dir}' already holds checkpoints; pass --resume auto to "
+                              "continue that run, or choose another train.run_dir")
+
+        init_distributed(env)
+        self.device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.loader = TrainLoader(cfg.data.dir, cfg.data.train_split, cfg.model.block_size, t.micro_batch_size,
+                                  t.grad_accum, env.rank, env.world_size, t.seed, self.device,
+                                  expected_vocab_size=cfg.model.vocab_size)
+
+        seed_everything(t.seed)  # identical initial weights on every rank
+        self.model = PascalGPT(cfg.model)
+        self.engine, self.optimizer, self.scheduler = build_engine(self.model, t, ds_config)
+        seed_everything(t.seed + 1000 * (env.rank + 1))  # independent dropout masks per rank
+        if t.compile if t.compile is not None else torch.cuda.is_available():
+            self.engine.compile()
+
+        self.metrics = MetricsWriter(os.path.join(self.run_dir, "tensorboard"), enabled=env.is_main)
+        if env.is_main:
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+            with open(os.path.join(self.run_dir, "ds_config.json"), "w") as f:
+                json.dump(ds_config, f, indent=2)
+        self.metrics.text("config", to_yaml(cfg))
+        self.metrics.text("ds_config", json.dumps(ds_config, indent=2))
+
+        self.resumed_from: Optional[str] = None
+        if resume != "never":
+            self._resume(None if resume == "auto" else resume)
+        self._log(f"model {self.model.num_params() / 1e6:.2f}M parameters, global batch "
+                  f"{self.loader.global_batch_size} x {cfg.model.block_size} tokens, world {env.world_size}, "
+                  f"ZeRO stage {self.engine.zero_optimization_stage()}, step {self.step}")
+
+    # --- the counter -------------------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Optimizer updates applied so far: the bias-warmup counter t."""
+        return int(self.engine.global_steps)
+
+    def _gathered_sync_state(self) -> list[tuple[int, float]]:
+        """(counter, theta) from every rank; collective. Raises if any rank disagrees."""
+        theta = self._theta()
+        mine = torch.tensor([float(self.step), theta], dtype=torch.float64)
+        everyone = [torch.zeros_like(mine) for _ in range(self.env.world_size)]
+        dist.all_gather(everyone, mine)
+        rows = [(int(r[0]), float(r[1])) for r in everyone]
+        if any(r != rows[0] for r in rows):
+            raise RuntimeError(f"ranks disagree on (bias-warmup counter, theta): {rows}")
+        return rows
+
+    def _theta(self) -> float:
+        import deepspeed
+
+        theta = self.model.pascal_bias.theta
+        with deepspeed.zero.GatheredParameters([theta]):  # a no-op unless ZeRO-3 partitioned it
+            return float(theta.detach().float().reshape(-1)[0])
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    def train(self) -> None:
+        t, lg = self.cfg.train, self.cfg.logging
+        timer, loss_sum, steps_in_window, time_in_window = StepTimer(), None, 0, 0.0
+        tokens_per_step = self.loader.global_batch_size * self.cfg.model.block_size
+        while self.step < t.max_steps:
+            self.model.set_bias_step(self.step)
+            for _ in range(t.grad_accum):
+                x, y = self.loader.next_batch()
+                _, loss = self.engine(x, y)
+                self.engine.backward(loss)
+                self.engine.step()
+                loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+            steps_in_window += 1
+            time_in_window += timer.lap()
+            step = self.step
+            if step % lg.log_interval == 0 or step == t.max_steps:
+                mean_loss = self._mean_over_ranks(loss_sum / (steps_in_window * t.grad_accum))
+                self._write_train_metrics(step, mean_loss, time_in_window / steps_in_window,
+                                          tokens_per_step * steps_in_window / time_in_window)
+                loss_sum, steps_in_window, time_in_window = None, 0, 0.0
+            if step % t.eval_interval == 0 or step == t.max_steps:
+                self.evaluate(step)
+            if (self.cfg.checkpoint.interval and step % self.cfg.checkpoint.interval == 0) or step == t.max_steps:
+                self.save()
+            if step % lg.log_interval == 0 or step % t.eval_interval == 0 or step == t.max_steps:
+                timer.lap()  # logging, evaluation and saving are not part of the step time
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        value = value.detach().to(torch.float64).reshape(1).clone()
+        dist.all_reduce(value)
+        return float(value) / self.env.world_size
+
+    def _write_train_metrics(self, step: int, loss: float, step_time: float, tokens_per_s: float) -> None:
+        rows = self._gathered_sync_state()
+        theta = rows[0][1]
+        grad_norm = self.engine.get_global_grad_norm()
+        values = {
+            "train/loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "bias/alpha": float(bias_alpha(torch.tensor(float(step)), self.cfg.model.bias.warmup_steps)),
+            "bias/theta": theta,
+            "bias/skip_penalty": math.exp(-math.exp(theta)),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_s": tokens_per_s,
+            "step_time": step_time,
+            "memory_gib": memory_gib(),
+        }
+        self.metrics.scalars(values, step)
+        if self.env.is_main:
+            with open(os.path.join(self.run_dir, "rank_sync.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, "ranks": rows, "lr": values["lr"],
+                                    "alpha": values["bias/alpha"], "loss": loss}) + "\n")
+        self._log(f"step {step:6d} | loss {loss:.4f} | lr {values['lr']:.2e} | alpha {values['bias/alpha']:.3f} | "
+                  f"skip {values['bias/skip_penalty']:.3f} | {tokens_per_s:,.0f} tok/s | {step_time * 1e3:.0f} ms")
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> float:
+        """Mean validation loss over all ranks' tokens (the same batches every time); logs loss and perplexity."""
+        t = self.cfg.train
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for x, y in val_batches(self.cfg.data.dir, self.cfg.data.val_split, self.cfg.model.block_size,
+                                t.micro_batch_size, self.env.rank, self.env.world_size, t.eval_batches,
+                                self.device, expected_vocab_size=self.cfg.model.vocab_size):
+            _, loss = self.engine(x, y)
+            total += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), device=self.device,
+                                                                             dtype=torch.float64)])
+        self.engine.train()
+        dist.all_reduce(total)
+        val_loss = float(total[0] / total[1])
+        self.metrics.scalars({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))}, step)
+        self.metrics.flush()
+        self._log(f"step {step:6d} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50.0)):.2f}")
+        return val_loss
+
+    # --- checkpoints -------------------------------------------------------------------------------------
+    def save(self) -> str:
+        state = {"loader": self.loader.state_dict(), "bias_step": self.step, "config": to_yaml(self.cfg)}
+        tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.env.rank,
+                              self.cfg.checkpoint.keep_last)
+        self._log(f"saved checkpoint {os.path.join(self.ckpt_dir, tag)}")
+        return tag
+
+    def _resume(self, tag: Optional[str]) -> None:
+        state = checkpoint.load(self.engine, self.ckpt_dir, self.env.rank, tag)
+        if state is None:
+            self._log(f"no checkpoint under {self.ckpt_dir}; starting from step 0")
+            return
+        if state["bias_step"] != self.step:
+            raise RuntimeError(f"checkpoint {state['tag']}: bias-warmup counter {state['bias_step']} "
+                               f"!= optimizer step {self.step}")
+        self.loader.load_state_dict(state["loader"])
+        self.model.set_bias_step(self.step)
+        self._gathered_sync_state()
+        self.resumed_from = state["tag"]
+        self._log(f"resumed from {state['tag']} at step {self.step}, "
+                  f"{self.loader.samples_consumed} samples consumed")
+
+    def _log(self, msg: str) -> None:
+        if self.env.is_main:
+            print(f"[pascal-dist] {msg}", flush=True)
+
+    def close(self) -> None:
+        self.metrics.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
