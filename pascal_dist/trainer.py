@@ -68,6 +68,7 @@ class Trainer:
 
         seed_everything(t.seed)  # identical initial weights on every rank
         self.model = PascalGPT(cfg.model)
+        self.n_params = self.model.num_params()  # before ZeRO-3 partitions the parameters away
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, t, ds_config)
         seed_everything(t.seed + 1000 * (env.rank + 1))  # independent dropout masks per rank
         if t.compile if t.compile is not None else torch.cuda.is_available():
@@ -85,7 +86,7 @@ class Trainer:
         self.resumed_from: Optional[str] = None
         if resume != "never":
             self._resume(None if resume == "auto" else resume)
-        self._log(f"model {self.model.num_params() / 1e6:.2f}M parameters, global batch "
+        self._log(f"model {self.n_params / 1e6:.2f}M parameters, global batch "
                   f"{self.loader.global_batch_size} x {cfg.model.block_size} tokens, world {env.world_size}, "
                   f"ZeRO stage {self.engine.zero_optimization_stage()}, step {self.step}")
 
@@ -107,11 +108,14 @@ class Trainer:
         return rows
 
     def _theta(self) -> float:
-        import deepspeed
+        """theta from the fp32 master copy (the bf16 model copy rounds away small updates); 0.0 for `none`."""
+        from deepspeed.utils import safe_get_full_fp32_param
 
-        theta = self.model.pascal_bias.theta
-        with deepspeed.zero.GatheredParameters([theta]):  # a no-op unless ZeRO-3 partitioned it
-            return float(theta.detach().float().reshape(-1)[0])
+        if self.model.bias is None:
+            return 0.0
+        theta = self.model.bias.theta
+        master = safe_get_full_fp32_param(theta)  # collective under ZeRO-3
+        return float((master if master is not None else theta).detach().float().reshape(-1)[0])
 
     # --- the loop ----------------------------------------------------------------------------------------
     def train(self) -> None:
@@ -154,20 +158,20 @@ class Trainer:
             "train/loss": loss,
             "lr": self.scheduler.get_last_lr()[0],
             "bias/alpha": float(bias_alpha(torch.tensor(float(step)), self.cfg.model.bias.warmup_steps)),
-            "bias/theta": theta,
-            "bias/skip_penalty": math.exp(-math.exp(theta)),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens_per_s": tokens_per_s,
             "step_time": step_time,
             "memory_gib": memory_gib(),
         }
+        if self.model.bias is not None:
+            values.update({"bias/theta": theta, "bias/skip_penalty": math.exp(-math.exp(theta))})
         self.metrics.scalars(values, step)
         if self.env.is_main:
             with open(os.path.join(self.run_dir, "rank_sync.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, "ranks": rows, "lr": values["lr"],
                                     "alpha": values["bias/alpha"], "loss": loss}) + "\n")
         self._log(f"step {step:6d} | loss {loss:.4f} | lr {values['lr']:.2e} | alpha {values['bias/alpha']:.3f} | "
-                  f"skip {values['bias/skip_penalty']:.3f} | {tokens_per_s:,.0f} tok/s | {step_time * 1e3:.0f} ms")
+                  f"theta {theta:+.3f} | {tokens_per_s:,.0f} tok/s | {step_time * 1e3:.0f} ms")
 
     @torch.no_grad()
     def evaluate(self, step: int) -> float:

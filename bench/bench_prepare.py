@@ -1,0 +1,52 @@
+"""Benchmark: prepare the embedded corpus (42 plays) into a temp dir; tokenizer training and encoding timed apart."""
+from __future__ import annotations
+
+import itertools
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pascal_dist.data.prepare import ENCODE_BATCH, build_tokenizer, clean, load_source, prepare  # noqa: E402
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    splits, _ = load_source("embedded", None, None, "paragraph")
+    docs = [d for t in splits["train"]["text"] if len(d := clean(t)) > 50]
+    t_load = time.perf_counter() - t0
+    chars = sum(map(len, docs))
+
+    t0 = time.perf_counter()
+    tok = build_tokenizer(8192, 2, iter(docs))
+    t_train = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(docs), ENCODE_BATCH):
+        encs = tok.encode_batch(docs[i:i + ENCODE_BATCH], add_special_tokens=False)
+        tokens += len(np.fromiter(itertools.chain.from_iterable(e.ids + [2] for e in encs), dtype=np.uint16))
+    t_encode = time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        prepare(Path(tmp) / "embedded")
+        t_prepare = time.perf_counter() - t0
+
+    print(f"\nembedded corpus: {len(docs):,} documents, {chars / 1e6:.2f} M characters, {tokens:,} tokens "
+          f"(vocab 8192)\n")
+    print("| stage | seconds | tokens/s |")
+    print("|---|---|---|")
+    print(f"| load + clean (datasets `text` builder, cached) | {t_load:.2f} | |")
+    print(f"| BPE training (vocab 8192) | {t_train:.2f} | {tokens / t_train / 1e6:.2f} M |")
+    print(f"| encoding (`encode_batch`, {ENCODE_BATCH} docs/batch) | {t_encode:.2f} | {tokens / t_encode / 1e6:.2f} M |")
+    print(f"| whole `prepare()` (load, split, train, encode, write shards) | {t_prepare:.2f} | "
+          f"{tokens / t_prepare / 1e6:.2f} M |")
+
+
+if __name__ == "__main__":
+    main()

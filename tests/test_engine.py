@@ -1,0 +1,19 @@
+"""The SPEC learning-rate schedule, in optimizer steps."""
+import math
+
+import pytest
+
+from pascal_dist.engine import lr_lambda
+from pascal_dist.schema import TrainConfig
+
+
+def test_spec_schedule_shape():
+    f = lr_lambda(TrainConfig())  # warm-up 2000, cosine to 8000, floor 0.1
+    assert f(0) == pytest.approx(1 / 2000)
+    assert f(999) == pytest.approx(1000 / 2000)
+    assert f(2000) == pytest.approx(1.0)
+    assert f(5000) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(8000) == pytest.approx(0.1)
+    assert f(19999) == pytest.approx(0.1)
+    values = [f(s) for s in range(2000, 8001)]
+    assert all(a >= b for a, b in zip(values, values[1:])), "cosine part must not increase"
