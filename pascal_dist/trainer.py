@@ -19,7 +19,7 @@ import torch.distributed as dist
 from pascal_dist import checkpoint
 from pascal_dist.bias import alpha as bias_alpha
 from pascal_dist.config import ConfigError, load_ds_config, to_yaml
-from pascal_dist.data import TrainLoader, val_batches
+from pascal_dist.data import DataError, TrainLoader, val_batches
 from pascal_dist.dist_env import DistEnv
 from pascal_dist.engine import build_engine, init_distributed
 from pascal_dist.metrics import MetricsWriter, StepTimer, memory_gib
@@ -62,9 +62,9 @@ class Trainer:
         self.device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.loader = TrainLoader(cfg.data.dir, cfg.data.train_split, cfg.model.block_size, t.micro_batch_size,
-                                  t.grad_accum, env.rank, env.world_size, t.seed, self.device,
-                                  expected_vocab_size=cfg.model.vocab_size)
+        self.loader = self._together(lambda: TrainLoader(
+            cfg.data.dir, cfg.data.train_split, cfg.model.block_size, t.micro_batch_size, t.grad_accum, env.rank,
+            env.world_size, t.seed, self.device, expected_vocab_size=cfg.model.vocab_size))
 
         seed_everything(t.seed)  # identical initial weights on every rank
         self.model = PascalGPT(cfg.model)
@@ -89,6 +89,21 @@ class Trainer:
         self._log(f"model {self.n_params / 1e6:.2f}M parameters, global batch "
                   f"{self.loader.global_batch_size} x {cfg.model.block_size} tokens, world {env.world_size}, "
                   f"ZeRO stage {self.engine.zero_optimization_stage()}, step {self.step}")
+
+    def _together(self, build):
+        """Run `build` on every rank; if any rank fails, every rank raises instead of waiting for it forever."""
+        error = None
+        try:
+            result = build()
+        except (ConfigError, DataError) as e:
+            error, result = e, None
+        failed = torch.tensor([0 if error is None else 1 + self.env.rank], dtype=torch.int64)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise DataError(f"rank {failed.item() - 1} could not open the data (its error is in the job output)")
+        return result
 
     # --- the counter -------------------------------------------------------------------------------------
     @property
