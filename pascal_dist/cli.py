@@ -29,19 +29,20 @@ def train_main(argv: list[str]) -> int:
 
     args = _parse_train_args(argv)
     env = detect()
-    trainer = None
+    trainer, clean = None, False
     try:
         cfg = load_config(args.config, args.overrides)
         from pascal_dist.trainer import Trainer  # heavy imports (deepspeed) only once the config is good
 
         trainer = Trainer(cfg, args.ds_config, env, resume=args.resume)
         trainer.train()
+        clean = True
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
         if trainer is not None:
-            trainer.close()
+            trainer.close(clean)
     return 0
 
 

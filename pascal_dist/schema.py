@@ -32,9 +32,13 @@ class ModelConfig:
     vocab_size: int = 8192
     """Must equal the tokenizer's vocabulary (checked against the data manifest)."""
     block_size: int = 256
+    """Context length in tokens (learned position table of this size)."""
     n_layer: int = 12
+    """Transformer blocks."""
     n_head: int = 12
+    """Attention heads; n_embd must be divisible by it."""
     n_embd: int = 768
+    """Residual stream width (MLP hidden is 4x)."""
     dropout: float = 0.1
     """Dropout on embeddings, residual branches and MLP."""
     attn_dropout: float = 0.1
@@ -50,12 +54,15 @@ class DataConfig:
     dir: str = "data/embedded"
     """Directory written by launcher/prepare_data.py (shards + manifest.json + tokenizer.json)."""
     train_split: str = "train"
+    """Manifest split to train on."""
     val_split: str = "val"
+    """Manifest split to evaluate on (e.g. source_validation for a source's own split)."""
 
 
 @dataclass
 class TrainConfig:
     seed: int = 1337
+    """Seeds weights, data order and dropout: a run is a function of (config, seed, data)."""
     micro_batch_size: int = 64
     """Sequences per rank per forward/backward."""
     grad_accum: int = 2
@@ -63,15 +70,21 @@ class TrainConfig:
     max_steps: int = 20000
     """Optimizer steps."""
     lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
     min_lr_ratio: float = 0.1
     """LR floor as a fraction of lr, reached at decay_steps and kept after."""
     warmup_steps: int = 2000
+    """Linear LR warm-up, in optimizer steps."""
     decay_steps: int = 8000
     """Step at which the cosine decay reaches the floor."""
     weight_decay: float = 0.1
+    """Applied to matrices and embeddings only; LayerNorm parameters and theta are not decayed."""
     beta1: float = 0.9
+    """AdamW beta1."""
     beta2: float = 0.95
+    """AdamW beta2."""
     grad_clip: float = 1.0
+    """Global gradient-norm clipping (written into the ds_config)."""
     eval_interval: int = 250
     """Evaluate every N optimizer steps (and at the end)."""
     eval_batches: int = 100
@@ -87,6 +100,7 @@ class LoggingConfig:
     log_interval: int = 10
     """Write train scalars every N optimizer steps."""
     tensorboard: bool = True
+    """Write TensorBoard events under <run_dir>/tensorboard (rank 0)."""
 
 
 @dataclass

@@ -74,7 +74,8 @@ class Trainer:
         if t.compile if t.compile is not None else torch.cuda.is_available():
             self.engine.compile()
 
-        self.metrics = MetricsWriter(os.path.join(self.run_dir, "tensorboard"), enabled=env.is_main)
+        self.metrics = MetricsWriter(os.path.join(self.run_dir, "tensorboard"),
+                                     enabled=env.is_main and cfg.logging.tensorboard)
         if env.is_main:
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
@@ -235,7 +236,12 @@ class Trainer:
         if self.env.is_main:
             print(f"[pascal-dist] {msg}", flush=True)
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Flush metrics and leave the process group; after a failure, do not wait for peers that may be gone."""
         self.metrics.close()
         if dist.is_initialized():
+            if clean:
+                # A rank that destroys the group while a peer still has collectives in flight can abort the
+                # peer at exit ("terminate called without an active exception"), so everyone arrives first.
+                dist.barrier()
             dist.destroy_process_group()

@@ -52,7 +52,7 @@ def test_bad_values_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"'train.max_steps'.*abc"):
         load_config(None, ["train.max_steps=abc"])
     with pytest.raises(ConfigError, match=r"model.n_embd \(128\) must be divisible by model.n_head \(3\)"):
-        load_config("configs/demo.yaml", ["model.n_head=3"])
+        load_config(None, ["model.n_embd=128", "model.n_head=3"])
     with pytest.raises(ConfigError, match=r"model.attention.backend must be one of"):
         load_config(None, ["model.attention.backend=flashy"])
     # All problems at once, so one edit fixes them.
