@@ -31,19 +31,34 @@ class AttentionBackend(Protocol):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Any, dropout_p: float) -> Tensor: ...
 
 
-def band_matrix(band: Tensor, T: int, device: torch.device) -> Tensor:
-    """Dense (T, T) bias with band[i - j] on the first len(band) diagonals, 0 elsewhere, -inf above.
+def band_matrix(band: Tensor, T: int, device: torch.device, T_k: int | None = None) -> Tensor:
+    """Dense (T, T_k) bias with band[i - j] on the first len(band) diagonals, 0 elsewhere, -inf above.
 
-    Built with tensor ops only (no host sync, no data-dependent branch) so it stays in the compiled
-    graph and carries the gradient to the band.
+    Queries are the last T of T_k positions (T_k defaults to T: the square training mask; T < T_k is the
+    KV-cache decode step). Built with tensor ops only (no host sync, no data-dependent branch) so it stays
+    in the compiled graph and carries the gradient to the band.
     """
-    pos = torch.arange(T, device=device)
-    dist = pos[:, None] - pos[None, :]  # (T, T) = i - j
+    T_k = T if T_k is None else T_k
+    dist = torch.arange(T_k - T, T_k, device=device)[:, None] - torch.arange(T_k, device=device)[None, :]  # i - j
     window = band.shape[0]
     padded = torch.cat([band, band.new_zeros(1)])  # index `window` reads 0: outside the band
     idx = torch.where((dist >= 0) & (dist < window), dist, window)
-    bias = padded[idx]  # (T, T)
+    bias = padded[idx]  # (T, T_k)
     return bias.masked_fill(dist < 0, float("-inf"))
+
+
+def attend_cached(q: Tensor, k: Tensor, v: Tensor, band: Tensor | None) -> Tensor:
+    """Inference attention for queries at the last Tq of the Tk cached positions, for every backend.
+
+    One dense path in float32 (the reference math) rather than each backend's kernel: SDPA's is_causal
+    aligns the mask top-left when Tq != Tk, which is wrong for a cache, and a decode step is small.
+    band=None is the unbiased model (causal mask only).
+    """
+    acc = torch.promote_types(q.dtype, torch.float32)
+    band = q.new_zeros(1, dtype=acc) if band is None else band.to(acc)
+    mask = band_matrix(band, q.size(-2), q.device, k.size(-2))  # (Tq, Tk)
+    att = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, Tq, Tk)
+    return (torch.softmax(att + mask, dim=-1) @ v.to(acc)).to(v.dtype)  # (B, nh, Tq, hs)
 
 
 class ReferenceBackend:

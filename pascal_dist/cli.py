@@ -23,9 +23,11 @@ def _parse_train_args(argv: list[str]) -> argparse.Namespace:
 
 
 def train_main(argv: list[str]) -> int:
+    from pascal_dist.checkpoint import CheckpointError
     from pascal_dist.config import ConfigError, load_config
     from pascal_dist.data import DataError
     from pascal_dist.dist_env import detect
+    from pascal_dist.preemption import StopTraining
 
     args = _parse_train_args(argv)
     env = detect()
@@ -37,9 +39,13 @@ def train_main(argv: list[str]) -> int:
         trainer = Trainer(cfg, args.ds_config, env, resume=args.resume)
         trainer.train()
         clean = True
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except StopTraining as e:
+        print(f"[pascal-dist] {e}", file=sys.stderr, flush=True)
+        clean = True  # every rank decided to stop at the same step
+        return e.exit_code
     finally:
         if trainer is not None:
             trainer.close(clean)

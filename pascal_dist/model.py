@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from pascal_dist.attention import AttentionBackend, get_backend
+from pascal_dist.attention import AttentionBackend, attend_cached, get_backend
 from pascal_dist.bias import PascalBias
 from pascal_dist.schema import ModelConfig
 
@@ -39,6 +39,32 @@ class CausalSelfAttention(nn.Module):
         y = self.backend.attend(q, k, v, prepared, self.attn_dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def forward_cached(self, x: Tensor, band: Tensor | None, cache: KVCache, layer: int) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        k, v = cache.append(layer, k, v)  # (B, nh, T_cached + T, hs)
+        y = attend_cached(q, k, v, band).transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens decoded so far (inference only; positions 0..length-1)."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.layers: list[tuple[Tensor, Tensor] | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        return 0 if self.layers[0] is None else self.layers[0][0].size(-2)
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add this step's (B, nh, T, hs) keys/values to `layer`; returns all of that layer's keys/values."""
+        if (old := self.layers[layer]) is not None:
+            k, v = torch.cat([old[0], k], dim=2), torch.cat([old[1], v], dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
 
 
 class MLP(nn.Module):
@@ -64,6 +90,10 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, prepared: Any) -> Tensor:
         x = x + self.attn(self.ln_1(x), prepared)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_cached(self, x: Tensor, band: Tensor | None, cache: KVCache, layer: int) -> Tensor:
+        x = x + self.attn.forward_cached(self.ln_1(x), band, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -124,6 +154,23 @@ class PascalGPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    @torch.no_grad()
+    def forward_cached(self, idx: Tensor, cache: KVCache) -> Tensor:
+        """Logits (B, T, vocab) for `idx` placed after the cache's tokens, whose keys/values it appends.
+
+        Inference only (no dropout, no grad). Position i's query sees cached key j with bias band[i - j] at
+        the current bias_step, so the logits equal forward()'s on the whole sequence, position by position.
+        """
+        B, T = idx.shape
+        t0 = cache.length
+        if t0 + T > self.cfg.block_size:
+            raise ValueError(f"cache length {t0} + {T} new tokens exceeds block_size {self.cfg.block_size}")
+        x = self.wte(idx) + self.wpe(torch.arange(t0, t0 + T, device=idx.device))  # (B, T, C)
+        band = self.band()
+        for i, block in enumerate(self.blocks):
+            x = block.forward_cached(x, band, cache, i)
+        return self.lm_head(self.ln_f(x))
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (the tied head counts once). non_embedding drops the position table:

@@ -6,7 +6,7 @@ Loading, overrides and validation live in `pascal_dist.config`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 
 @dataclass
@@ -93,6 +93,10 @@ class TrainConfig:
     """torch.compile the model; None = on when a GPU is present."""
     run_dir: str = "runs/default"
     """Where TensorBoard events, checkpoints and the resolved config go."""
+    time_limit_s: float = 0.0
+    """Stop (checkpoint, exit 75) before this many seconds of wall time have passed; 0 = no limit."""
+    max_bad_steps: int = 5
+    """Consecutive steps with a non-finite loss or gradient norm (skipped on all ranks) before the run stops."""
 
 
 @dataclass
@@ -108,7 +112,21 @@ class CheckpointConfig:
     interval: int = 1000
     """Save every N optimizer steps (and at the end); 0 = only at the end."""
     keep_last: int = 3
-    """Checkpoints kept on disk (older ones are deleted after a successful save)."""
+    """Newest checkpoints kept on disk, plus the best by validation loss; older ones go after a successful save."""
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for the resilience tests; leave empty in real runs."""
+
+    nan_loss_steps: List[int] = field(default_factory=list)
+    """Optimizer steps (0-based attempts) at which `nan_loss_rank` multiplies its loss by NaN."""
+    nan_loss_rank: int = 0
+    """The rank that injects the NaN loss."""
+    kill_during_save_step: int = -1
+    """At this step's checkpoint, `kill_rank` SIGKILLs itself after the files are written, before the commit."""
+    kill_rank: int = 1
+    """The rank that kills itself."""
 
 
 @dataclass
@@ -118,3 +136,4 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)

@@ -1,29 +1,34 @@
 """The training loop: data -> model -> ZeRO engine -> metrics and checkpoints, with the bias-warmup counter.
 
-The bias-warmup counter t is the number of optimizer updates applied (`engine.global_steps`). The loop
-writes it into the model before each step's first micro-batch; nothing in forward advances it, so it is
-the same on every rank whatever the gradient accumulation, evaluation or resume, and it is checkpointed.
+The bias-warmup counter t is the number of optimizer updates applied (`engine.global_steps` minus the steps
+DeepSpeed skipped for a non-finite gradient). The loop writes it into the model before each step's first
+micro-batch; nothing in forward advances it, so it is the same on every rank whatever the gradient
+accumulation, evaluation, skipped steps or resume, and it is checkpointed.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
+import signal
+import time
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from pascal_dist import checkpoint
 from pascal_dist.bias import alpha as bias_alpha
+from pascal_dist.checkpoint import Checkpointer, CheckpointError, Identity, list_tags
 from pascal_dist.config import ConfigError, load_ds_config, to_yaml
-from pascal_dist.data import DataError, TrainLoader, val_batches
+from pascal_dist.data import DataError, TrainLoader, read_manifest, val_batches
 from pascal_dist.dist_env import DistEnv
 from pascal_dist.engine import build_engine, init_distributed
 from pascal_dist.metrics import MetricsWriter, StepTimer, memory_gib
 from pascal_dist.model import PascalGPT
+from pascal_dist.preemption import EXIT_NUMERICAL, EXIT_PREEMPTED, NONE, SIGNALLED, StopTraining, StopWatch
 from pascal_dist.schema import RunConfig
 
 
@@ -51,12 +56,13 @@ class Trainer:
         self.cfg, self.env = cfg, env
         t = cfg.train
         self.run_dir = t.run_dir
-        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         ds_config = load_ds_config(ds_config_path, cfg, env.world_size)
         _check_writable(self.run_dir)
-        if resume == "never" and checkpoint.list_tags(self.ckpt_dir):
+        ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        if resume == "never" and list_tags(ckpt_dir):
             raise ConfigError(f"train.run_dir '{self.run_dir}' already holds checkpoints; pass --resume auto to "
                               "continue that run, or choose another train.run_dir")
+        self.stopwatch = StopWatch(t.time_limit_s)  # before the slow start-up: a signal then still counts
 
         init_distributed(env)
         self.device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -65,6 +71,11 @@ class Trainer:
         self.loader = self._together(lambda: TrainLoader(
             cfg.data.dir, cfg.data.train_split, cfg.model.block_size, t.micro_batch_size, t.grad_accum, env.rank,
             env.world_size, t.seed, self.device, expected_vocab_size=cfg.model.vocab_size))
+        identity = Identity(dataclasses.asdict(cfg.model), read_manifest(cfg.data.dir)["tokenizer"].get("sha256"))
+        self.ckpt = Checkpointer(ckpt_dir, env.rank, env.world_size, cfg.checkpoint.keep_last, identity, self._log)
+        plan = None if resume == "never" else self.ckpt.choose(None if resume == "auto" else resume)
+        if plan is not None and plan["world_size"] != env.world_size:
+            ds_config["checkpoint"] = {"load_universal": True}  # DeepSpeed reshards the ZeRO state on load
 
         seed_everything(t.seed)  # identical initial weights on every rank
         self.model = PascalGPT(cfg.model)
@@ -84,12 +95,13 @@ class Trainer:
         self.metrics.text("config", to_yaml(cfg))
         self.metrics.text("ds_config", json.dumps(ds_config, indent=2))
 
-        self.resumed_from: Optional[str] = None
-        if resume != "never":
-            self._resume(None if resume == "auto" else resume)
-        self._log(f"model {self.n_params / 1e6:.2f}M parameters, global batch "
-                  f"{self.loader.global_batch_size} x {cfg.model.block_size} tokens, world {env.world_size}, "
-                  f"ZeRO stage {self.engine.zero_optimization_stage()}, step {self.step}")
+        self.last_val_loss: Optional[float] = None
+        self.slowest_step_s, self.save_s = 0.0, 0.0
+        if plan is not None:
+            self._resume(plan)
+        self._log(f"model {self.n_params / 1e6:.2f}M parameters, global batch {self.loader.global_batch_size} x "
+                  f"{cfg.model.block_size} tokens, world {env.world_size}, ZeRO stage "
+                  f"{self.engine.zero_optimization_stage()}, step {self.step}")
 
     def _together(self, build):
         """Run `build` on every rank; if any rank fails, every rank raises instead of waiting for it forever."""
@@ -98,7 +110,7 @@ class Trainer:
             result = build()
         except (ConfigError, DataError) as e:
             error, result = e, None
-        failed = torch.tensor([0 if error is None else 1 + self.env.rank], dtype=torch.int64)
+        failed = torch.tensor([0 if error is None else 1 + self.env.rank], dtype=torch.int64, device=self.device)
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if error is not None:
             raise error
@@ -110,12 +122,11 @@ class Trainer:
     @property
     def step(self) -> int:
         """Optimizer updates applied so far: the bias-warmup counter t."""
-        return int(self.engine.global_steps)
+        return int(self.engine.global_steps) - int(self.engine.skipped_steps)
 
     def _gathered_sync_state(self) -> list[tuple[int, float]]:
         """(counter, theta) from every rank; collective. Raises if any rank disagrees."""
-        theta = self._theta()
-        mine = torch.tensor([float(self.step), theta], dtype=torch.float64)
+        mine = torch.tensor([float(self.step), self._theta()], dtype=torch.float64, device=self.device)
         everyone = [torch.zeros_like(mine) for _ in range(self.env.world_size)]
         dist.all_gather(everyone, mine)
         rows = [(int(r[0]), float(r[1])) for r in everyone]
@@ -136,35 +147,81 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------------------
     def train(self) -> None:
         t, lg = self.cfg.train, self.cfg.logging
-        timer, loss_sum, steps_in_window, time_in_window = StepTimer(), None, 0, 0.0
+        timer, window_loss, window_steps, window_time = StepTimer(), None, 0, 0.0
         tokens_per_step = self.loader.global_batch_size * self.cfg.model.block_size
+        bad_in_a_row, attempt = 0, int(self.engine.global_steps)
         while self.step < t.max_steps:
-            self.model.set_bias_step(self.step)
-            for _ in range(t.grad_accum):
-                x, y = self.loader.next_batch()
-                _, loss = self.engine(x, y)
-                self.engine.backward(loss)
-                self.engine.step()
-                loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
-            steps_in_window += 1
-            time_in_window += timer.lap()
+            before = self.step
+            step_loss = self._one_step(attempt)
+            attempt += 1
+            elapsed = timer.lap()
+            if self.step == before:  # DeepSpeed found a non-finite gradient on some rank: skipped everywhere
+                bad_in_a_row += 1
+                self.metrics.scalars({"train/skipped_steps": float(self.engine.skipped_steps)}, self.step)
+                self._log(f"warning: step {self.step + 1} skipped (non-finite loss or gradient), "
+                          f"{bad_in_a_row} in a row, {self.engine.skipped_steps} in total")
+                if bad_in_a_row >= t.max_bad_steps:
+                    tag = self.save()  # parameters are those of the last good step: skipped steps changed nothing
+                    raise StopTraining(f"{bad_in_a_row} consecutive steps had a non-finite loss or gradient; "
+                                       f"last good state saved as {tag}", EXIT_NUMERICAL)
+                self._check_stop()
+                continue
+            bad_in_a_row = 0
+            self.slowest_step_s = max(self.slowest_step_s, elapsed)
+            window_loss = step_loss if window_loss is None else window_loss + step_loss
+            window_steps, window_time = window_steps + 1, window_time + elapsed
             step = self.step
+            paused = False
             if step % lg.log_interval == 0 or step == t.max_steps:
-                mean_loss = self._mean_over_ranks(loss_sum / (steps_in_window * t.grad_accum))
-                self._write_train_metrics(step, mean_loss, time_in_window / steps_in_window,
-                                          tokens_per_step * steps_in_window / time_in_window)
-                loss_sum, steps_in_window, time_in_window = None, 0, 0.0
+                self._write_train_metrics(step, self._mean_over_ranks(window_loss / window_steps),
+                                          window_time / window_steps, tokens_per_step * window_steps / window_time)
+                window_loss, window_steps, window_time, paused = None, 0, 0.0, True
             if step % t.eval_interval == 0 or step == t.max_steps:
-                self.evaluate(step)
+                self.last_val_loss, paused = self.evaluate(step), True
             if (self.cfg.checkpoint.interval and step % self.cfg.checkpoint.interval == 0) or step == t.max_steps:
                 self.save()
-            if step % lg.log_interval == 0 or step % t.eval_interval == 0 or step == t.max_steps:
+                paused = True
+            if paused:
                 timer.lap()  # logging, evaluation and saving are not part of the step time
+            if step < t.max_steps:
+                self._check_stop()
+
+    def _one_step(self, attempt: int) -> torch.Tensor:
+        """Forward/backward over the micro-batches and the optimizer step; returns this rank's mean loss.
+
+        The loss stays on the device (no host sync); it is reduced across ranks only when logged.
+        """
+        dbg = self.cfg.debug
+        inject_nan = attempt in dbg.nan_loss_steps and self.env.rank == dbg.nan_loss_rank
+        self.model.set_bias_step(self.step)
+        local = torch.zeros((), dtype=torch.float64, device=self.device)
+        for _ in range(self.cfg.train.grad_accum):
+            x, y = self.loader.next_batch()
+            _, loss = self.engine(x, y)
+            if inject_nan:
+                loss = loss * float("nan")
+            self.engine.backward(loss)
+            self.engine.step()
+            local += loss.detach().double()
+        return local / self.cfg.train.grad_accum
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         value = value.detach().to(torch.float64).reshape(1).clone()
         dist.all_reduce(value)
         return float(value) / self.env.world_size
+
+    def _check_stop(self) -> None:
+        """Every rank agrees whether to stop now (a signal on any rank, or the time limit), then stops together."""
+        reason = torch.tensor([self.stopwatch.reason(self.slowest_step_s, self.save_s)], dtype=torch.int64,
+                              device=self.device)
+        dist.all_reduce(reason, op=dist.ReduceOp.MAX)
+        if int(reason) == NONE:
+            return
+        tag = self.save()
+        why = (f"signal {self.stopwatch.signal_name or 'on another rank'}" if int(reason) == SIGNALLED
+               else f"time limit of {self.cfg.train.time_limit_s:.0f} s")
+        raise StopTraining(f"stopped at step {self.step} by {why}; checkpoint {tag} saved, "
+                           f"continue with --resume auto", EXIT_PREEMPTED)
 
     def _write_train_metrics(self, step: int, loss: float, step_time: float, tokens_per_s: float) -> None:
         rows = self._gathered_sync_state()
@@ -199,8 +256,8 @@ class Trainer:
                                 t.micro_batch_size, self.env.rank, self.env.world_size, t.eval_batches,
                                 self.device, expected_vocab_size=self.cfg.model.vocab_size):
             _, loss = self.engine(x, y)
-            total += torch.stack([loss.double() * y.numel(), torch.tensor(float(y.numel()), device=self.device,
-                                                                             dtype=torch.float64)])
+            total[0] += loss.double() * y.numel()
+            total[1] += y.numel()
         self.engine.train()
         dist.all_reduce(total)
         val_loss = float(total[0] / total[1])
@@ -211,26 +268,27 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def save(self) -> str:
+        start = time.monotonic()
         state = {"loader": self.loader.state_dict(), "bias_step": self.step, "config": to_yaml(self.cfg)}
-        tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.env.rank,
-                              self.cfg.checkpoint.keep_last)
-        self._log(f"saved checkpoint {os.path.join(self.ckpt_dir, tag)}")
+        dbg = self.cfg.debug
+        kill = (dbg.kill_during_save_step == self.step and self.env.rank == dbg.kill_rank)
+        tag = self.ckpt.save(self.engine, self.step, state, self.last_val_loss,
+                             before_commit=(lambda: os.kill(os.getpid(), signal.SIGKILL)) if kill else None)
+        self.save_s = max(self.save_s, time.monotonic() - start)
+        self.metrics.flush()
+        self._log(f"saved checkpoint {os.path.join(self.ckpt.dir, tag)}")
         return tag
 
-    def _resume(self, tag: Optional[str]) -> None:
-        state = checkpoint.load(self.engine, self.ckpt_dir, self.env.rank, tag)
-        if state is None:
-            self._log(f"no checkpoint under {self.ckpt_dir}; starting from step 0")
-            return
+    def _resume(self, plan: dict) -> None:
+        tag = plan["tag"] if plan["world_size"] == self.env.world_size else self.ckpt.universal_tag(plan)
+        state = self.ckpt.load(self.engine, tag)
         if state["bias_step"] != self.step:
-            raise RuntimeError(f"checkpoint {state['tag']}: bias-warmup counter {state['bias_step']} "
-                               f"!= optimizer step {self.step}")
+            raise CheckpointError(f"{tag}: bias-warmup counter {state['bias_step']} != optimizer step {self.step}")
         self.loader.load_state_dict(state["loader"])
         self.model.set_bias_step(self.step)
         self._gathered_sync_state()
-        self.resumed_from = state["tag"]
-        self._log(f"resumed from {state['tag']} at step {self.step}, "
-                  f"{self.loader.samples_consumed} samples consumed")
+        self._log(f"resumed from {plan['tag']} at step {self.step}, {self.loader.samples_consumed} samples consumed"
+                  + (f" (world size {plan['world_size']} -> {self.env.world_size})" if tag != plan["tag"] else ""))
 
     def _log(self, msg: str) -> None:
         if self.env.is_main:

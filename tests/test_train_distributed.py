@@ -51,7 +51,7 @@ def test_loss_falls_and_ranks_agree(runs, stage):
         assert c0 == c1 == r["step"], "bias-warmup counter must equal the optimizer step on every rank"
         assert theta0 == theta1, "theta must be identical on both ranks"
     assert rows[0]["ranks"][0][1] != rows[-1]["ranks"][0][1], "theta must be trained"
-    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
     val = read_scalars(runs[stage], "val/loss")
     assert [s for s, _ in val] == [6, 12] and val[1][1] < val[0][1]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from pascal_dist.data.shards import (FORMAT_VERSION, MANIFEST, TOKENIZER, DataError, ShardWriter, dtype_for_vocab,
@@ -99,13 +99,14 @@ def load_source(source: str, config: str | None, files: Sequence[str] | None,
 
 def build_tokenizer(vocab_size: int, min_frequency: int, docs: Iterator[str]) -> Tokenizer:
     """Train the SPEC's BPE (NFKC, Whitespace pre-tokenizer, [PAD]/[UNK]/[EOS]) on the given documents."""
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    # Whitespace pre-tokenization forgets where spaces were; marking word-continuing pieces with "##" (as
+    # WordPiece does) lets the decoder put them back: "mis ##fortune ." decodes to "misfortune.".
+    tok = Tokenizer(models.BPE(unk_token="[UNK]", continuing_subword_prefix="##"))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    # No decoder: Whitespace pre-tokenization forgets where spaces were, so none can restore them; the default
-    # decode (pieces joined by spaces) is the most readable that is possible.
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+                                  continuing_subword_prefix="##", show_progress=False)
     tok.train_from_iterator(docs, trainer=trainer)
     return tok
 
