@@ -140,7 +140,7 @@ class Checkpointer:
 
     # --- save ----------------------------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict, val_loss: Optional[float] = None,
-             before_commit: Optional[Callable[[], None]] = None) -> str:
+             after_write: Optional[Callable[[], None]] = None) -> str:
         """Write tag stepN; the pointer moves only once every rank's files are on disk. Returns the tag."""
         tag = tag_for(step)
         tag_dir = os.path.join(self.dir, tag)
@@ -157,9 +157,9 @@ class Checkpointer:
         except (OSError, RuntimeError) as e:
             raise CheckpointError(f"saving checkpoint {tag_dir} failed: {e}; the previous checkpoint "
                                   f"({latest_tag(self.dir) or 'none'}) is untouched") from None
-        dist.barrier()
-        if before_commit is not None:
-            before_commit()  # fault-injection seam for the tests: a kill here must not corrupt anything
+        if after_write is not None:
+            after_write()  # fault-injection seam for the tests: a rank dying mid-save must not corrupt anything
+        dist.barrier()  # every rank's files are written: only now may the checkpoint become visible
         if self.rank == 0:
             try:
                 _fsync_tree(tag_dir)

@@ -14,7 +14,8 @@ from torch import Tensor
 
 from pascal_dist.model import KVCache, PascalGPT
 
-_ELISION = re.compile(r"(\w) ' (\w)")  # "liv ' d" -> "liv'd": the decoder cleans up one piece at a time
+# what the WordPiece decoder's cleanup misses, as it sees one piece at a time: "liv ' d" -> "liv'd", " ;" -> ";"
+_ELISION, _BEFORE = re.compile(r"(\w) ' (\w)"), re.compile(r" ([;:])")
 
 
 def filter_logits(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
@@ -70,7 +71,7 @@ def generate_ids(model: PascalGPT, prompt: Sequence[int], max_new_tokens: int, s
 
 
 def decode(tokenizer: Any, ids: Sequence[int]) -> str:
-    return _ELISION.sub(r"\1'\2", tokenizer.decode(list(ids)))
+    return _BEFORE.sub(r"\1", _ELISION.sub(r"\1'\2", tokenizer.decode(list(ids))))
 
 
 def generate_text(model: PascalGPT, tokenizer: Any, prompt: str, max_new_tokens: int, seed: int,
@@ -85,14 +86,14 @@ def generate_text(model: PascalGPT, tokenizer: Any, prompt: str, max_new_tokens:
 
 def sample_texts(model: PascalGPT, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, seed: int,
                  temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None) -> list[str]:
-    """One continuation per prompt, each from its own generator seeded with `seed`: a pure function of
+    """One continuation per prompt, prompt i sampled with a generator seeded with seed + i: a pure function of
     (weights, bias step, prompts, settings), so samples logged at successive evaluations are comparable.
     The model's train/eval mode is restored afterwards."""
     was_training = model.training
     model.eval()
     try:
-        return [generate_text(model, tokenizer, p, max_new_tokens, seed, temperature=temperature, top_k=top_k,
-                              top_p=top_p) for p in prompts]
+        return [generate_text(model, tokenizer, p, max_new_tokens, seed + i, temperature=temperature, top_k=top_k,
+                              top_p=top_p) for i, p in enumerate(prompts)]
     finally:
         model.train(was_training)
 

@@ -124,7 +124,7 @@ class DebugConfig:
     nan_loss_rank: int = 0
     """The rank that injects the NaN loss."""
     kill_during_save_step: int = -1
-    """At this step's checkpoint, `kill_rank` SIGKILLs itself after the files are written, before the commit."""
+    """At this step's checkpoint, `kill_rank` SIGKILLs itself after writing its files, before the save commits."""
     kill_rank: int = 1
     """The rank that kills itself."""
 

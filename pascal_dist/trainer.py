@@ -273,7 +273,7 @@ class Trainer:
         dbg = self.cfg.debug
         kill = (dbg.kill_during_save_step == self.step and self.env.rank == dbg.kill_rank)
         tag = self.ckpt.save(self.engine, self.step, state, self.last_val_loss,
-                             before_commit=(lambda: os.kill(os.getpid(), signal.SIGKILL)) if kill else None)
+                             after_write=(lambda: os.kill(os.getpid(), signal.SIGKILL)) if kill else None)
         self.save_s = max(self.save_s, time.monotonic() - start)
         self.metrics.flush()
         self._log(f"saved checkpoint {os.path.join(self.ckpt.dir, tag)}")
