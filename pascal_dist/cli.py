@@ -23,11 +23,13 @@ def _parse_train_args(argv: list[str]) -> argparse.Namespace:
 
 
 def train_main(argv: list[str]) -> int:
+    from pascal_dist.preemption import StopTraining, install_handlers
+
+    install_handlers()  # before the slow imports: a preemption signal during start-up must not kill the rank
     from pascal_dist.checkpoint import CheckpointError
     from pascal_dist.config import ConfigError, load_config
     from pascal_dist.data import DataError
     from pascal_dist.dist_env import detect
-    from pascal_dist.preemption import StopTraining
 
     args = _parse_train_args(argv)
     env = detect()
@@ -49,6 +51,11 @@ def train_main(argv: list[str]) -> int:
     finally:
         if trainer is not None:
             trainer.close(clean)
+        else:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()  # a process exiting with a live gloo group can abort at exit
     return 0
 
 

@@ -31,9 +31,17 @@ def _resolve_tag_dir(ckpt: str) -> tuple[str, str]:
         if os.path.isfile(latest):
             with open(latest) as f:
                 return candidate, f.read().strip()
-    if os.path.isfile(os.path.join(ckpt, "mp_rank_00_model_states.pt")):
+    if _model_states_file(ckpt):
         return os.path.dirname(os.path.abspath(ckpt)), os.path.basename(os.path.abspath(ckpt))
-    raise ExportError(f"'{ckpt}' is not a pascal-dist checkpoint (no 'latest' pointer or mp_rank_00_model_states.pt)")
+    raise ExportError(f"'{ckpt}' is not a pascal-dist checkpoint (no 'latest' pointer, no *model_states.pt)")
+
+
+def _model_states_file(tag_dir: str) -> str | None:
+    """DeepSpeed's file holding the client state: mp_rank_00_... (ZeRO 1/2) or zero_pp_rank_0_mp_rank_00_... (ZeRO-3)."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if os.path.isfile(os.path.join(tag_dir, name)):
+            return os.path.join(tag_dir, name)
+    return None
 
 
 def export_checkpoint(ckpt: str, out_dir: str) -> str:
@@ -44,9 +52,9 @@ def export_checkpoint(ckpt: str, out_dir: str) -> str:
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ExportError(f"output directory '{out_dir}' is not empty; choose a new one")
     ckpt_dir, tag = _resolve_tag_dir(ckpt)
-    states_file = os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt")
-    if not os.path.isfile(states_file):
-        raise ExportError(f"'{os.path.join(ckpt_dir, tag)}': missing mp_rank_00_model_states.pt")
+    states_file = _model_states_file(os.path.join(ckpt_dir, tag))
+    if states_file is None:
+        raise ExportError(f"'{os.path.join(ckpt_dir, tag)}': no DeepSpeed model states file (incomplete checkpoint?)")
     client = torch.load(states_file, map_location="cpu", weights_only=False).get("pascal_dist")
     if not client:
         raise ExportError(f"'{states_file}': no pascal_dist client state (not written by pascal-dist?)")

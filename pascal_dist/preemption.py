@@ -24,18 +24,29 @@ class StopTraining(Exception):
         self.exit_code = exit_code
 
 
-class StopWatch:
-    """Collects this rank's reasons to stop; `reason()` is local, the loop reduces it across ranks."""
+_received: list[str] = []  # names of the stop signals seen by this process
 
-    def __init__(self, time_limit_s: float = 0.0, signals=(signal.SIGTERM, signal.SIGUSR1)):
+
+def install_handlers(signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
+    """Record stop signals instead of dying. Called first thing, so a signal during start-up is not lost."""
+    def on_signal(signum, frame) -> None:
+        _received.append(signal.Signals(signum).name)
+
+    for sig in signals:
+        signal.signal(sig, on_signal)
+
+
+class StopWatch:
+    """This rank's reasons to stop; `reason()` is local, the training loop reduces it across ranks."""
+
+    def __init__(self, time_limit_s: float = 0.0):
+        install_handlers()  # idempotent; makes the trainer safe to use without the CLI too
         self.start = time.monotonic()
         self.time_limit_s = time_limit_s
-        self.signal_name: str | None = None
-        for sig in signals:
-            signal.signal(sig, self._on_signal)
 
-    def _on_signal(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
+    @property
+    def signal_name(self) -> str | None:
+        return _received[0] if _received else None
 
     def reason(self, slowest_step_s: float, save_s: float) -> int:
         """SIGNALLED, TIME_LIMIT if another step plus a save might not fit in the limit, else NONE."""

@@ -112,10 +112,11 @@ class Trainer:
             error, result = e, None
         failed = torch.tensor([0 if error is None else 1 + self.env.rank], dtype=torch.int64, device=self.device)
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if error is not None:
-            raise error
         if failed.item():
-            raise DataError(f"rank {failed.item() - 1} could not open the data (its error is in the job output)")
+            # Every rank is here, so leaving the group cleanly cannot hang; exiting with it alive can abort a peer.
+            dist.barrier()
+            dist.destroy_process_group()
+            raise error or DataError(f"rank {failed.item() - 1} could not open the data (its error is in the job output)")
         return result
 
     # --- the counter -------------------------------------------------------------------------------------

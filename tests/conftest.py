@@ -12,3 +12,17 @@ def tiny_data(tmp_path_factory):
     prepare(out, files=embedded_files()[:3], vocab_size=512)
     assert read_manifest(out)["tokenizer"]["vocab_size"] == 512
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def stage_runs(tiny_data, tmp_path_factory):
+    """One finished 12-step 2-rank run per ZeRO stage: {stage: run_dir} (launches are the expensive part)."""
+    from tests.helpers import TINY, run_train
+
+    out = {}
+    for stage in (1, 2, 3):
+        run_dir = str(tmp_path_factory.mktemp(f"zero{stage}"))
+        proc = run_train(f"configs/zero{stage}.json", TINY + [f"data.dir={tiny_data}", f"train.run_dir={run_dir}"])
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        out[stage] = run_dir
+    return out

@@ -4,6 +4,16 @@ import socket
 import subprocess
 import sys
 
+# A model small enough that a 2-rank CPU launch trains 12 steps in seconds (vocab of the tiny_data fixture).
+TINY = [
+    "model.vocab_size=512",
+    "model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.n_embd=64",
+    "model.dropout=0.0", "model.attn_dropout=0.0", "model.bias.warmup_steps=8",
+    "train.micro_batch_size=4", "train.grad_accum=2", "train.max_steps=12", "train.lr=3e-3",
+    "train.warmup_steps=2", "train.decay_steps=12", "train.eval_interval=6", "train.eval_batches=2",
+    "logging.log_interval=1", "checkpoint.interval=6", "checkpoint.keep_last=2",
+]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

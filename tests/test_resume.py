@@ -14,8 +14,7 @@ import time
 import psutil
 import pytest
 
-from tests.helpers import REPO, free_port, run_train
-from tests.test_train_distributed import TINY
+from tests.helpers import REPO, TINY, free_port, run_train
 
 pytestmark = pytest.mark.slow
 

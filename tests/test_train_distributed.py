@@ -9,18 +9,10 @@ import os
 
 import pytest
 
-from tests.helpers import read_scalars, run_train
+from tests.helpers import TINY, read_scalars, run_train
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "model.vocab_size=512",
-    "model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.n_embd=64",
-    "model.dropout=0.0", "model.attn_dropout=0.0", "model.bias.warmup_steps=8",
-    "train.micro_batch_size=4", "train.grad_accum=2", "train.max_steps=12", "train.lr=3e-3",
-    "train.warmup_steps=2", "train.decay_steps=12", "train.eval_interval=6", "train.eval_batches=2",
-    "logging.log_interval=1", "checkpoint.interval=6", "checkpoint.keep_last=2",
-]
 TB_TAGS = {"train/loss", "val/loss", "val/ppl", "lr", "bias/alpha", "bias/skip_penalty", "bias/theta",
            "grad_norm", "tokens_per_s", "step_time", "memory_gib"}
 
@@ -30,21 +22,9 @@ def sync_rows(run_dir):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_data, tmp_path_factory):
-    """One 12-step run per ZeRO stage (shared by the tests below: launches are the expensive part)."""
-    out = {}
-    for stage in (1, 2, 3):
-        run_dir = str(tmp_path_factory.mktemp(f"zero{stage}"))
-        proc = run_train(f"configs/zero{stage}.json", TINY + [f"data.dir={tiny_data}", f"train.run_dir={run_dir}"])
-        assert proc.returncode == 0, proc.stdout[-3000:]
-        out[stage] = run_dir
-    return out
-
-
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_loss_falls_and_ranks_agree(runs, stage):
-    rows = sync_rows(runs[stage])
+def test_loss_falls_and_ranks_agree(stage_runs, stage):
+    rows = sync_rows(stage_runs[stage])
     assert [r["step"] for r in rows] == list(range(1, 13))
     for r in rows:
         (c0, theta0), (c1, theta1) = r["ranks"]
@@ -52,12 +32,12 @@ def test_loss_falls_and_ranks_agree(runs, stage):
         assert theta0 == theta1, "theta must be identical on both ranks"
     assert rows[0]["ranks"][0][1] != rows[-1]["ranks"][0][1], "theta must be trained"
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
-    val = read_scalars(runs[stage], "val/loss")
+    val = read_scalars(stage_runs[stage], "val/loss")
     assert [s for s, _ in val] == [6, 12] and val[1][1] < val[0][1]
 
 
-def test_tensorboard_tags_and_checkpoints(runs):
-    run_dir = runs[2]
+def test_tensorboard_tags_and_checkpoints(stage_runs):
+    run_dir = stage_runs[2]
     tags = set(read_scalars(run_dir))
     assert TB_TAGS <= tags, f"missing: {TB_TAGS - tags}"
     alpha = dict(read_scalars(run_dir, "bias/alpha"))
@@ -69,7 +49,7 @@ def test_tensorboard_tags_and_checkpoints(runs):
     assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
 
 
-def test_resume_continues_step_lr_alpha_and_data(runs, tiny_data, tmp_path):
+def test_resume_continues_step_lr_alpha_and_data(stage_runs, tiny_data, tmp_path):
     run_dir = str(tmp_path / "resumed")
     common = TINY + [f"data.dir={tiny_data}", f"train.run_dir={run_dir}"]
     first = run_train("configs/zero2.json", common + ["train.max_steps=6"])
@@ -77,7 +57,7 @@ def test_resume_continues_step_lr_alpha_and_data(runs, tiny_data, tmp_path):
     second = run_train("configs/zero2.json", common, resume="auto")
     assert second.returncode == 0, second.stdout[-3000:]
     assert "resumed from step00000006 at step 6, 96 samples consumed" in second.stdout
-    straight = {r["step"]: r for r in sync_rows(runs[2])}
+    straight = {r["step"]: r for r in sync_rows(stage_runs[2])}
     resumed = sync_rows(run_dir)
     assert [r["step"] for r in resumed] == list(range(1, 13))
     for r in resumed:
