@@ -40,13 +40,8 @@
 #SBATCH --output=%x-%j.out
 #SBATCH --error=%x-%j.err
 set -euo pipefail
-# sbatch runs a copy of this file from slurmd's spool directory, so find the checkout from the submission.
+# sbatch runs a copy of this file from slurmd's spool directory: find the checkout from the submission.
 PASCAL_DIST_HOME=${PASCAL_DIST_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
-if [ ! -f "$PASCAL_DIST_HOME/slurm/common.sh" ]; then
-  echo "error: '$PASCAL_DIST_HOME' is not a pascal-dist checkout; submit from the repository root" \
-       "or set PASCAL_DIST_HOME" >&2
-  exit 2
-fi
 # shellcheck source=slurm/common.sh
-source "$PASCAL_DIST_HOME/slurm/common.sh"
+source "$PASCAL_DIST_HOME/slurm/common.sh" || { echo "error: submit from the pascal-dist checkout or set PASCAL_DIST_HOME" >&2; exit 2; }
 pd_launch "$@"
