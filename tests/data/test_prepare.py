@@ -216,3 +216,12 @@ def test_cli_defaults_on_the_embedded_corpus(tmp_path: Path) -> None:
     open_split(out, "train", verify="checksum", expected_vocab_size=8192)
     r = cli("--out", str(out), home=tmp_path / "hf")
     assert r.returncode == 0 and "already prepared" in r.stdout
+
+
+def test_decode_restores_word_boundaries(prepared: Path, jsonl) -> None:
+    """Continuing pieces carry '##' and the WordPiece decoder joins them: decode(encode(doc)) reads like doc."""
+    tok = Tokenizer.from_file(str(prepared / "tokenizer.json"))
+    docs = expected_docs(jsonl[1], 0.2)["val"][:20]
+    assert any(len(tok.encode(w).ids) > 1 for d in docs for w in d.split())  # some words span several pieces
+    for doc in docs:
+        assert tok.decode(tok.encode(doc).ids) == " ".join(doc.split())

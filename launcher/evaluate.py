@@ -1,0 +1,16 @@
+"""Evaluate a checkpoint or exported model: perplexity (per token, per word; sliding window) and LAMBADA.
+
+    python launcher/evaluate.py runs/demo                                   # held-out split of the run's data
+    python launcher/evaluate.py exported/demo --text wikitext --text-config wikitext-103-raw-v1 \\
+        --lambada EleutherAI/lambada_openai --no-heldout
+    torchrun --nproc_per_node 2 launcher/evaluate.py runs/demo              # ranks score disjoint windows
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from pascal_dist.evaluate import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
