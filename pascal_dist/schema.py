@@ -105,6 +105,10 @@ class LoggingConfig:
     """Write train scalars every N optimizer steps."""
     tensorboard: bool = True
     """Write TensorBoard events under <run_dir>/tensorboard (rank 0)."""
+    sample_prompts: List[str] = field(default_factory=lambda: ["I think ", "The king said"])
+    """Prompts continued at every evaluation and logged as TensorBoard text (fixed seed); [] = none."""
+    sample_tokens: int = 40
+    """New tokens per sample."""
 
 
 @dataclass

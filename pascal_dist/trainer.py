@@ -71,6 +71,9 @@ class Trainer:
         self.loader = self._together(lambda: TrainLoader(
             cfg.data.dir, cfg.data.train_split, cfg.model.block_size, t.micro_batch_size, t.grad_accum, env.rank,
             env.world_size, t.seed, self.device, expected_vocab_size=cfg.model.vocab_size))
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(os.path.join(cfg.data.dir, "tokenizer.json"))
         identity = Identity(dataclasses.asdict(cfg.model), read_manifest(cfg.data.dir)["tokenizer"].get("sha256"))
         self.ckpt = Checkpointer(ckpt_dir, env.rank, env.world_size, cfg.checkpoint.keep_last, identity, self._log)
         plan = None if resume == "never" else self.ckpt.choose(None if resume == "auto" else resume)
@@ -263,9 +266,24 @@ class Trainer:
         dist.all_reduce(total)
         val_loss = float(total[0] / total[1])
         self.metrics.scalars({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))}, step)
+        self._log_samples(step)
         self.metrics.flush()
         self._log(f"step {step:6d} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50.0)):.2f}")
         return val_loss
+
+    def _log_samples(self, step: int) -> None:
+        """Continue the fixed prompts with a fixed seed (its own generator: the training RNG is untouched).
+
+        Every rank generates, because under ZeRO-3 each layer gathers its weights when called; rank 0 writes.
+        """
+        lg = self.cfg.logging
+        if not lg.sample_prompts or lg.sample_tokens <= 0:
+            return
+        from pascal_dist.generate import sample_texts
+
+        texts = sample_texts(self.model, self.tokenizer, lg.sample_prompts, lg.sample_tokens, seed=self.cfg.train.seed)
+        for i, text in enumerate(texts):
+            self.metrics.text(f"samples/{i}", text, step)
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def save(self) -> str:

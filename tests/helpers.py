@@ -44,3 +44,12 @@ def read_scalars(run_dir: str, tag: str | None = None):
     if tag is None:
         return acc.Tags()["scalars"]
     return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def read_texts(run_dir: str, tag: str) -> list[tuple[int, str]]:
+    """(step, text) of a TensorBoard text tag, e.g. 'samples/0'."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(run_dir, "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    return [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(f"{tag}/text_summary")]

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from tests.helpers import TINY, read_scalars, run_train
+from tests.helpers import TINY, read_scalars, read_texts, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +47,9 @@ def test_tensorboard_tags_and_checkpoints(stage_runs):
     with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
         assert f.read().strip() == "step00000012"
     assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
+    assert "micro_batch_size: 4" in read_texts(run_dir, "config")[0][1]
+    samples = read_texts(run_dir, "samples/0")  # a fixed prompt continued at every evaluation
+    assert [s for s, _ in samples] == [6, 12] and all(text.strip().startswith("I think") for _, text in samples)
 
 
 def test_resume_continues_step_lr_alpha_and_data(stage_runs, tiny_data, tmp_path):
