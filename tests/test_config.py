@@ -95,3 +95,19 @@ def test_ds_config_bad_files(tmp_path):
     p.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     with pytest.raises(ConfigError, match=r"remove 'optimizer'"):
         load_ds_config(str(p), cfg, 1)
+
+
+def test_readme_documents_every_config_key():
+    import dataclasses
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                yield from keys(type(default), f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+
+    readme = open("README.md").read()
+    missing = [k for k in keys(RunConfig) if f"`{k}`" not in readme]
+    assert not missing, f"README's configuration table lacks {missing}"
