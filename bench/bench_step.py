@@ -1,0 +1,128 @@
+"""One training step of the model, plain PyTorch loop vs the DeepSpeed ZeRO engine (stages 1, 2, 3), side by side.
+
+Same model, same random tokens, one process; the ratio is tokens/s over the plain loop's. On a GPU it also
+reports model TFLOP/s (6N + 12 L d T per token), MFU against --peak-tflops, and peak memory.
+
+    python bench/bench_step.py                                   # CPU-sized defaults
+    python bench/bench_step.py --spec --compile --peak-tflops 989  # the SPEC model on an H100/H200 (bf16 dense peak)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from pascal_dist.dist_env import DistEnv
+from pascal_dist.engine import build_engine, init_distributed
+from pascal_dist.model import PascalGPT
+from pascal_dist.schema import AttentionConfig, ModelConfig, TrainConfig
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--spec", action="store_true", help="SPEC model and micro batch (12 x 768, T=256, batch 64)")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--backend", default="sdpa")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--stages", default="1,2,3")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="the card's bf16 dense peak, for MFU")
+    a = p.parse_args()
+    if a.spec:
+        a.n_layer, a.n_embd, a.n_head, a.block_size, a.batch = 12, 768, 12, 256, 64
+    return a
+
+
+def model_cfg(a: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, dropout=0.0,
+                       attn_dropout=0.0, attention=AttentionConfig(backend=a.backend))
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(step, a: argparse.Namespace) -> float:
+    for _ in range(a.warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    sync()
+    return (time.perf_counter() - start) / a.steps
+
+
+def plain(a: argparse.Namespace, device: torch.device, x: torch.Tensor) -> float:
+    torch.manual_seed(0)
+    model = PascalGPT(model_cfg(a)).to(device)
+    run = torch.compile(model) if a.compile else model
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=3e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            _, loss = run(x, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return timed(step, a)
+
+
+def zero(a: argparse.Namespace, stage: int, x: torch.Tensor) -> float:
+    torch.manual_seed(0)
+    model = PascalGPT(model_cfg(a))
+    ds = {"train_micro_batch_size_per_gpu": a.batch, "gradient_accumulation_steps": 1, "train_batch_size": a.batch,
+          "gradient_clipping": 1.0, "bf16": {"enabled": True}, "steps_per_print": 10**9,
+          "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}}
+    engine, _, _ = build_engine(model, TrainConfig(), ds)
+    if a.compile:
+        engine.compile()
+
+    def step() -> None:
+        _, loss = engine(x, x)
+        engine.backward(loss)
+        engine.step()
+
+    result = timed(step, a)
+    engine.destroy()
+    return result
+
+
+def main() -> None:
+    a = parse()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    init_distributed(DistEnv(0, 0, 1, "127.0.0.1", 0, "single"))
+    x = torch.randint(0, 8192, (a.batch, a.block_size), device=device)
+    tokens = a.batch * a.block_size
+    flops_per_token = PascalGPT(model_cfg(a)).flops_per_token()
+    rows = [("plain PyTorch" + (" (compiled)" if a.compile else ""), plain(a, device, x),
+             torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"))]
+    for stage in map(int, a.stages.split(",")):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        rows.append((f"DeepSpeed ZeRO-{stage}", zero(a, stage, x),
+                     torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")))
+    card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{card}, torch {torch.__version__}, L={a.n_layer} d={a.n_embd} T={a.block_size} B={a.batch}, "
+          f"backend {a.backend}, compile={a.compile}, {a.steps} timed steps after {a.warmup}\n")
+    print("| loop | ms/step | tokens/s | ratio | model TFLOP/s | MFU | peak GiB |\n|---|---|---|---|---|---|---|")
+    for name, seconds, peak in rows:
+        tflops = flops_per_token * tokens / seconds / 1e12
+        mfu = f"{tflops / a.peak_tflops:.1%}" if a.peak_tflops else "-"
+        print(f"| {name} | {seconds * 1e3:.1f} | {tokens / seconds:,.0f} | {rows[0][1] / seconds:.2f} | "
+              f"{tflops:.2f} | {mfu} | {peak:.2f} |")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
+    main()
