@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from pascal_dist.data.prepare import clean, load_source
 from pascal_dist.data.shards import DataError, open_split, read_manifest
-from pascal_dist.export import WEIGHTS, ExportError, _resolve_tag_dir, export_checkpoint, load_exported
+from pascal_dist.export import WEIGHTS, ExportError, resolve_checkpoint, export_checkpoint, load_exported
 
 _LAST_WORD = re.compile(r"^(.*\S)\s+(\S+)\s*$", re.S)
 
@@ -189,7 +189,7 @@ def open_model(path: str, device: str | torch.device = "cpu") -> Opened:
         return Opened(model, cfg, tok, int(model.bias_step), path, os.path.abspath(path))
     if not os.path.isdir(path):
         raise ExportError(f"'{path}': no such directory (expected an exported model or a checkpoint)")
-    ckpt_dir, tag = _resolve_tag_dir(path)
+    ckpt_dir, tag = resolve_checkpoint(path)
     with tempfile.TemporaryDirectory() as tmp:
         export_checkpoint(path, os.path.join(tmp, "model"))
         model, cfg, tok = load_exported(os.path.join(tmp, "model"), device)

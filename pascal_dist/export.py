@@ -24,7 +24,7 @@ class ExportError(ValueError):
     """A checkpoint or export directory that cannot be read; the message names the path."""
 
 
-def _resolve_tag_dir(ckpt: str) -> tuple[str, str]:
+def resolve_checkpoint(ckpt: str) -> tuple[str, str]:
     """(checkpoints dir, tag) from a run dir, a checkpoints dir, or one tag's dir."""
     for candidate in (os.path.join(ckpt, "checkpoints"), ckpt):
         latest = os.path.join(candidate, "latest")
@@ -51,7 +51,7 @@ def export_checkpoint(ckpt: str, out_dir: str) -> str:
 
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ExportError(f"output directory '{out_dir}' is not empty; choose a new one")
-    ckpt_dir, tag = _resolve_tag_dir(ckpt)
+    ckpt_dir, tag = resolve_checkpoint(ckpt)
     states_file = _model_states_file(os.path.join(ckpt_dir, tag))
     if states_file is None:
         raise ExportError(f"'{os.path.join(ckpt_dir, tag)}': no DeepSpeed model states file (incomplete checkpoint?)")
