@@ -20,7 +20,7 @@ from pascal_dist.schema import AttentionConfig, ModelConfig
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backends", default="none,sdpa,reference")
+    p.add_argument("--backends", default="none,sdpa,reference,banded")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=256)
     p.add_argument("--n-head", type=int, default=4)

@@ -6,6 +6,8 @@ A backend turns the band vector a (window,) into whatever its kernel wants ONCE 
   reference  dense softmax(QK^T/sqrt(hs) + bias + causal) V, softmax in float32; the oracle, any device
   sdpa       F.scaled_dot_product_attention with the bias as a float mask (memory-efficient kernel)
   none       F.scaled_dot_product_attention(is_causal=True), no bias: the ablation baseline
+  banded     causal flash attention + the exact banded correction of ANCHORS.md in PyTorch ops
+             (pascal_dist.banded_attention, imported at the bottom of this module)
 
 Hook for the fused GPU backend (flash attention + the exact banded correction of ANCHORS.md, in
 Triton): its module defines a class with the same `name / uses_band / prepare / attend` members and
@@ -122,3 +124,7 @@ def get_backend(name: str) -> AttentionBackend:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; valid: {', '.join(sorted(BACKENDS))}")
     return BACKENDS[name]
+
+
+# last: the module imports band_matrix and register_backend from here and registers itself
+import pascal_dist.banded_attention  # noqa: E402,F401

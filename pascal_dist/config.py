@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pascal_dist.schema import RunConfig
 
-ATTENTION_BACKENDS = ("reference", "sdpa", "none")
+ATTENTION_BACKENDS = ("reference", "sdpa", "none", "banded")
 
 
 class ConfigError(ValueError):
