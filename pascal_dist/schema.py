@@ -24,8 +24,8 @@ class BiasConfig:
 @dataclass
 class AttentionConfig:
     backend: str = "sdpa"
-    """reference (dense math, the test oracle) | sdpa (SDPA with the bias as a float mask) | none (no bias)
-    | banded (causal flash + exact band correction; needs attn_dropout 0, else it runs the sdpa path)."""
+    """reference (dense math, the test oracle) | sdpa (SDPA, bias as a float mask) | none (no bias) | banded
+    (causal flash + the exact band correction, O(T) extra memory; with attention dropout it runs the sdpa path)."""
 
 
 @dataclass
