@@ -97,6 +97,11 @@ def load_source(source: str, config: str | None, files: Sequence[str] | None,
     return splits, desc
 
 
+# Recorded in the settings of every directory whose tokenizer was trained here: a change to build_tokenizer must
+# bump it, or re-running prepare would call a directory made by the old recipe "already prepared".
+TOKENIZER_RECIPE = "bpe-nfkc-whitespace-wordpiece##-2"
+
+
 def build_tokenizer(vocab_size: int, min_frequency: int, docs: Iterator[str]) -> Tokenizer:
     """Train the SPEC's BPE (NFKC, Whitespace pre-tokenizer, [PAD]/[UNK]/[EOS]) on the given documents."""
     # Whitespace pre-tokenization forgets where spaces were; marking word-continuing pieces with "##" (as
@@ -179,6 +184,7 @@ def prepare(out_dir: str | Path = "data/embedded", source: str = EMBEDDED, confi
                 "text_column": text_column, "files": list(files) if files else None,
                 "val_fraction": val_fraction, "vocab_size": None if tokenizer else vocab_size,
                 "min_frequency": None if tokenizer else min_frequency, "tokenizer": tokenizer,
+                "tokenizer_recipe": None if tokenizer else TOKENIZER_RECIPE,
                 "tokenizer_sha256": file_sha256(tokenizer) if tokenizer else None,
                 "shard_tokens": shard_tokens, "sample_by": sample_by}
     out = Path(out_dir)
