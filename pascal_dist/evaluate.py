@@ -106,11 +106,17 @@ def count_words(texts: Iterable[str]) -> int:
     return sum(len(t.split()) for t in texts)
 
 
-def decoded_words(tokens: np.ndarray, tokenizer: Any, eos_id: int) -> int:
-    """Whitespace words of a token split decoded back to text (prepared splits keep no raw text)."""
-    cuts = np.flatnonzero(tokens == eos_id)
-    docs = [d.tolist() for d in np.split(tokens, cuts + 1) if len(d)]
-    return count_words(tokenizer.decode_batch(docs))
+def heldout_words(data_dir: str, split: str, tokens_used: int) -> tuple[int | None, str]:
+    """Whitespace words of a prepared split's raw documents (counted at preparation), pro rata when only
+    `tokens_used` of its tokens are scored; (None, why) for data prepared before words were counted."""
+    manifest = read_manifest(data_dir)
+    words = manifest.get("words", {}).get(split)
+    if words is None:
+        return None, "unknown: data prepared without word counts (re-run prepare_data.py)"
+    total = sum(entry["tokens"] for entry in manifest["splits"][split])
+    if tokens_used >= total:
+        return int(words), "raw text, counted at preparation"
+    return round(words * tokens_used / total), f"raw text, pro rata for {tokens_used} of {total} tokens"
 
 
 # --- LAMBADA ----------------------------------------------------------------------------------------------
@@ -197,10 +203,6 @@ def open_model(path: str, device: str | torch.device = "cpu") -> Opened:
     return Opened(model, cfg, tok, int(model.bias_step), run_dir, os.path.abspath(os.path.join(ckpt_dir, tag)))
 
 
-def manifest_eos(data_dir: str) -> int:
-    return int(read_manifest(data_dir)["tokenizer"]["eos_id"])
-
-
 # --- reporting and the command line -----------------------------------------------------------------------
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     rows = ["| set | metric | value |", "|---|---|---|"]
@@ -237,8 +239,8 @@ def run(args: Any, rank: int, world_size: int, device: torch.device) -> dict[str
     if args.heldout:
         data_dir, split = args.data_dir or cfg.data.dir, args.split or cfg.data.val_split
         tokens = heldout_tokens(data_dir, split, cfg.model.vocab_size, args.limit)
-        ppl(f"heldout/{split}", tokens, decoded_words(tokens, tok, manifest_eos(data_dir)),
-            data_dir=data_dir, words_from="decoded tokens")
+        words, words_from = heldout_words(data_dir, split, len(tokens))
+        ppl(f"heldout/{split}", tokens, words, data_dir=data_dir, words_from=words_from)
     if args.text or args.text_files:
         docs = [d for d in map(clean, source_texts(args.text, args.text_config, args.text_split, args.text_files,
                                                    args.text_column, limit=args.limit)) if d]

@@ -99,19 +99,25 @@ def load_source(source: str, config: str | None, files: Sequence[str] | None,
 
 # Recorded in the settings of every directory whose tokenizer was trained here: a change to build_tokenizer must
 # bump it, or re-running prepare would call a directory made by the old recipe "already prepared".
-TOKENIZER_RECIPE = "bpe-nfkc-whitespace-wordpiece##-2"
+TOKENIZER_RECIPE = "bpe-nfkc-whitespace-3"
 
 
 def build_tokenizer(vocab_size: int, min_frequency: int, docs: Iterator[str]) -> Tokenizer:
-    """Train the SPEC's BPE (NFKC, Whitespace pre-tokenizer, [PAD]/[UNK]/[EOS]) on the given documents."""
-    # Whitespace pre-tokenization forgets where spaces were; marking word-continuing pieces with "##" (as
-    # WordPiece does) lets the decoder put them back: "mis ##fortune ." decodes to "misfortune.".
-    tok = Tokenizer(models.BPE(unk_token="[UNK]", continuing_subword_prefix="##"))
+    """Train the SPEC's BPE (NFKC, Whitespace pre-tokenizer, [PAD]/[UNK]/[EOS]) on the given documents.
+
+    Deterministic: the same documents give the same tokenizer.json, byte for byte. A continuing-subword prefix
+    ("##") would let decode restore word boundaries, but tokenizers 0.23 then assigns the prefixed pieces ids in
+    hash-map order and breaks merge ties differently on every run (huggingface/tokenizers#1794): each prepare
+    would make a new tokenizer, and checkpoints would refuse the re-prepared data. So pieces decode space-
+    separated ("mis fortune"); the decoder only removes spaces before punctuation, and per-word perplexity
+    counts words in the raw text at preparation (manifest "words"), not in decoded tokens.
+    """
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # with no "##" pieces: join + punctuation cleanup
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-                                  continuing_subword_prefix="##", show_progress=False)
+                                  show_progress=False)
     tok.train_from_iterator(docs, trainer=trainer)
     return tok
 
@@ -270,6 +276,7 @@ def _write_all(tmp: Path, splits: dict[str, Any], split: str, column: str, val_f
     tok.save(str(tmp / TOKENIZER))
 
     writers: dict[str, SplitWriter] = {}
+    words: dict[str, int] = {}  # whitespace words of the raw documents: the per-word perplexity denominator
     bar = tqdm(desc="encoding", unit="tok", unit_scale=True, file=sys.stderr)
     for i, (name, _) in enumerate(plan):
         dests = ["train", "val"] if name == "train" else [name]
@@ -281,10 +288,12 @@ def _write_all(tmp: Path, splits: dict[str, Any], split: str, column: str, val_f
                     encs = tok.encode_batch(texts, add_special_tokens=False)
                     ids = np.fromiter(itertools.chain.from_iterable(e.ids + [eos] for e in encs), dtype=dtype)
                     writers[dest].write(ids, len(texts))
+                    words[dest] = words.get(dest, 0) + sum(len(t.split()) for t in texts)
                     bar.update(len(ids))
     bar.close()
     return {"splits": {k: w.close() for k, w in writers.items()},
             "documents": {k: w.documents for k, w in writers.items()},
+            "words": words,
             "dropped_overlap": dropped["overlap"],
             "tokenizer": {"file": TOKENIZER, "sha256": file_sha256(tmp / TOKENIZER), "vocab_size": vocab,
                           "eos_id": eos, "dtype": dtype.name}}
