@@ -99,6 +99,7 @@ class Trainer:
         self.metrics.text("ds_config", json.dumps(ds_config, indent=2))
 
         self.last_val_loss: Optional[float] = None
+        self._saved: Optional[tuple[int, str]] = None  # (engine.global_steps, tag) of the last save
         self.slowest_step_s, self.save_s = 0.0, 0.0
         if plan is not None:
             self._resume(plan)
@@ -287,6 +288,10 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def save(self) -> str:
+        """Collective checkpoint of the current state; a no-op if exactly this state was just saved (a stop
+        request right after a periodic save), so a complete checkpoint is never rewritten."""
+        if self._saved is not None and self._saved[0] == int(self.engine.global_steps):
+            return self._saved[1]
         start = time.monotonic()
         state = {"loader": self.loader.state_dict(), "bias_step": self.step, "config": to_yaml(self.cfg)}
         dbg = self.cfg.debug
@@ -294,6 +299,7 @@ class Trainer:
         tag = self.ckpt.save(self.engine, self.step, state, self.last_val_loss,
                              after_write=(lambda: os.kill(os.getpid(), signal.SIGKILL)) if kill else None)
         self.save_s = max(self.save_s, time.monotonic() - start)
+        self._saved = (int(self.engine.global_steps), tag)  # attempts, not updates: skipped steps move the loader
         self.metrics.flush()
         self._log(f"saved checkpoint {os.path.join(self.ckpt.dir, tag)}")
         return tag
