@@ -4,7 +4,9 @@ The model stays a plain nn.Module; this module is where it meets DeepSpeed.
 """
 from __future__ import annotations
 
+import glob
 import math
+import os
 from typing import Callable
 
 import torch
@@ -33,6 +35,29 @@ def init_distributed(env: DistEnv) -> None:
 
     export(env)
     deepspeed.init_distributed(verbose=False)
+    _unlink_cpu_shm_segment(env)
+
+
+def _unlink_cpu_shm_segment(env: DistEnv) -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce segment from /dev/shm.
+
+    DeepSpeed's CPU accelerator creates one /dev/shm segment per rank (tens of MB), named after the rendezvous
+    address, and never removes it: every CPU run leaked one, and a test suite of many launches filled /dev/shm
+    until the machine ran out of memory. Once every local rank has mapped its peers' segments (the barrier),
+    the names can go; the memory stays mapped until the processes exit, even by kill -9, and is then freed.
+    """
+    import torch.distributed as dist
+
+    pattern = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+               f"{os.environ['MASTER_PORT']}_{env.rank}")
+    if torch.cuda.is_available() or not glob.glob(pattern):
+        return
+    dist.barrier()
+    for path in glob.glob(pattern):
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict):
