@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from pascal_dist.dist_env import free_port
 from pascal_dist.preemption import EXIT_PREEMPTED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,12 +49,6 @@ def warmup_arms(values: Sequence[int]) -> list[Arm]:
     return [Arm(f"warmup_{v}", ["model.attention.backend=sdpa", f"model.bias.warmup_steps={v}"]) for v in values]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(arm: Arm, out: str, config: str, ds_config: str, nprocs: int, overrides: Sequence[str],
            timeout: float | None = None) -> None:
     """Train one arm to its step or time budget (resuming it if <out>/<arm> holds checkpoints: a finished arm is
@@ -62,7 +56,7 @@ def launch(arm: Arm, out: str, config: str, ds_config: str, nprocs: int, overrid
     run_dir = os.path.join(out, arm.name)
     os.makedirs(run_dir, exist_ok=True)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
-           "--master_port", str(_free_port()), "launcher/train.py", "--config", os.path.abspath(config),
+           "--master_port", str(free_port()), "launcher/train.py", "--config", os.path.abspath(config),
            "--ds_config", os.path.abspath(ds_config), "--resume", "auto",
            *overrides, *arm.overrides, f"train.run_dir={os.path.abspath(run_dir)}"]
     # one thread per rank: the ranks already fill the cores; more threads only contend

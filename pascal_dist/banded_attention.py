@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pascal_dist.attention import band_matrix, register_backend
+from pascal_dist.attention import SdpaBackend, register_backend
 
 aten = torch.ops.aten
 
@@ -135,9 +135,12 @@ def _flash_supports(q: Tensor) -> bool:
     return False
 
 
+_SDPA = SdpaBackend()
+
+
 def _dense_fallback(q: Tensor, k: Tensor, v: Tensor, a: Tensor, dropout_p: float) -> Tensor:
-    mask = band_matrix(a, q.size(-2), q.device).to(q.dtype)  # (T, T)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    """The `sdpa` backend's exact dense-mask math, for the calls the flash path cannot serve."""
+    return _SDPA.attend(q, k, v, _SDPA.prepare(a, q.size(-2), q.device, q.dtype), dropout_p)
 
 
 class BandedBackend:

@@ -177,16 +177,16 @@ class Checkpointer:
 
     def _retain(self) -> None:
         """Keep the newest `keep_last` complete tags and the best by validation loss; drop the rest (rank 0)."""
-        complete = [(t, read_meta(self.dir, t)) for t in list_tags(self.dir)]
-        complete = [(t, m) for t, m in complete if m is not None]
-        keep = {t for t, _ in complete[-self.keep_last:]}
-        scored = [(m["val_loss"], t) for t, m in complete if m.get("val_loss") is not None]
+        metas = {t: read_meta(self.dir, t) for t in list_tags(self.dir)}  # oldest first
+        complete = [t for t, m in metas.items() if m is not None]
+        keep = set(complete[-self.keep_last:])
+        scored = [(metas[t]["val_loss"], t) for t in complete if metas[t].get("val_loss") is not None]
         if scored:
             keep.add(min(scored)[1])
-        newest = complete[-1][0] if complete else None
-        for tag in list_tags(self.dir):
-            is_older_incomplete = read_meta(self.dir, tag) is None and newest is not None and tag < newest
-            if tag not in keep and (read_meta(self.dir, tag) is not None or is_older_incomplete):
+        newest = complete[-1] if complete else ""
+        for tag, meta in metas.items():
+            # an incomplete tag is a killed save's leftover once a newer checkpoint is complete
+            if tag not in keep and (meta is not None or tag < newest):
                 shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
                 shutil.rmtree(os.path.join(self.dir, tag + "_universal"), ignore_errors=True)
 

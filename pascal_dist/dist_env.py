@@ -57,12 +57,13 @@ def detect(environ: Mapping[str, str] = os.environ) -> DistEnv:
 
 def export(env: DistEnv, environ: dict = os.environ) -> None:
     """Publish the detected values under the names torch.distributed's env:// rendezvous reads."""
-    port = env.master_port or _free_port()
+    port = env.master_port or free_port()
     environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
                    MASTER_ADDR=env.master_addr, MASTER_PORT=str(port))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host right now (for single-host rendezvous: tests, benchmarks, the ablation)."""
     import socket
 
     with socket.socket() as s:

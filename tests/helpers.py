@@ -1,8 +1,9 @@
 """Shared test helpers: launching real multi-process runs and reading TensorBoard event files back."""
 import os
-import socket
 import subprocess
 import sys
+
+from pascal_dist.dist_env import free_port  # noqa: F401  (tests import it from here)
 
 # A model small enough that a 2-rank CPU launch trains 12 steps in seconds (vocab of the tiny_data fixture).
 TINY = [
@@ -15,12 +16,6 @@ TINY = [
 ]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_train(ds_config: str, overrides: list[str], nprocs: int = 2, resume: str = "never",
