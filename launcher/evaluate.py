@@ -10,7 +10,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from pascal_dist.cli import run_rank  # noqa: E402
 from pascal_dist.evaluate import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_rank(main, sys.argv[1:])

@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from pascal_dist.cli import train_main  # noqa: E402
+from pascal_dist.cli import run_rank, train_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(train_main(sys.argv[1:]))
+    run_rank(train_main, sys.argv[1:])
