@@ -1,7 +1,8 @@
 """Training throughput of each attention backend with a plain PyTorch AdamW loop, as a Markdown table.
 
 Same model, same random tokens, one process, backends interleaved in rounds; warm-up steps (and compilation, with --compile) are not
-timed. Ratio is tokens/s over the `none` row (no Pascal bias: the ceiling).
+timed. Ratio is tokens/s over the `none` row (no Pascal bias: the ceiling). `banded:torch` is the banded
+backend with its correction in PyTorch ops instead of the fused Triton kernels (what the fusion buys, on CUDA).
 
     python bench/bench_backends.py                       # CPU-sized defaults
     python bench/bench_backends.py --n-layer 12 --n-embd 768 --n-head 12 --block-size 256 --batch 64 --compile
@@ -14,13 +15,15 @@ from typing import Callable
 
 import torch
 
+import pascal_dist.banded_attention as banded_attention
 from pascal_dist.model import PascalGPT
 from pascal_dist.schema import AttentionConfig, ModelConfig
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backends", default="none,sdpa,reference,banded")
+    p.add_argument("--backends", default="none,sdpa,reference,banded,banded:torch",
+                   help="comma-separated; banded:torch|banded:triton picks the correction's implementation")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=256)
     p.add_argument("--n-head", type=int, default=4)
@@ -42,6 +45,7 @@ def sync(device: str) -> None:
 
 def make_stepper(backend: str, a: argparse.Namespace, data: torch.Tensor) -> Callable[[int], float]:
     """A closure running optimizer step i (forward, backward, clip, AdamW) and returning its loss."""
+    backend, _, kernels = backend.partition(":")
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=a.vocab, block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
                       n_embd=a.n_embd, dropout=0.0, attn_dropout=0.0, attention=AttentionConfig(backend=backend))
@@ -52,6 +56,7 @@ def make_stepper(backend: str, a: argparse.Namespace, data: torch.Tensor) -> Cal
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.device.startswith("cuda"))
 
     def step(i: int) -> float:
+        banded_attention.KERNELS = kernels or "auto"  # a global: compiled graphs guard on it
         with amp:
             _, loss = fwd(data[i, :, :-1], data[i, :, 1:])
         loss.backward()

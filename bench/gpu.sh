@@ -7,8 +7,9 @@
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d .whl hjson pydantic pydantic-core annotated-types typing-inspection omegaconf antlr4-python3-runtime
 #   and carry .whl/ along: it is installed into /tmp/site.
-# What is still open on GPUs (the fused Pascal kernel, the engine's overhead) is tracked as an issue; these
-# scripts measure where the project stands: attention backends at T=256 and T=1024, the full step plain vs
+# What is still open on GPUs (the fused Pascal kernel's speed, the engine's overhead) is tracked as an issue;
+# these scripts measure where the project stands: attention backends at T=256 and T=1024 (banded with the
+# fused Triton correction and with PyTorch ops), the full step plain vs
 # ZeRO 1/2/3 (tokens/s, TFLOP/s, MFU, peak memory), and the GPU-marked tests (bf16 numerics on CUDA).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -21,7 +22,7 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/card.txt"
-python3 -m pytest -q -m gpu tests/test_model.py tests/test_attention.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -3
+python3 -m pytest -q -m gpu tests/test_model.py tests/test_attention.py tests/test_band_kernels.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -3
 spec=(--n-layer 12 --n-embd 768 --n-head 12 --compile)
 python3 bench/bench_backends.py "${spec[@]}" --block-size 256 --batch 64 > "$OUT/backends-T256.md" 2>"$OUT/backends-T256.log"
 python3 bench/bench_backends.py "${spec[@]}" --block-size 1024 --batch 16 > "$OUT/backends-T1024.md" 2>"$OUT/backends-T1024.log"

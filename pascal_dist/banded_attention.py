@@ -11,6 +11,8 @@ difference c_m p_im is added here (dS_im = c_m p_im g_im with g_im = dO_i.v_(i-m
 and d a_m = sum_i exp(a_m) p_im g_im. The band vector `a` is an input of the autograd.Function, so autograd
 carries d a to theta and alpha. Extra work and memory are O(B*H*T*window*d); no T x T tensor is built or
 saved. The correction runs in float32 (float64 for float64 inputs); outputs come back in q's dtype.
+On CUDA with Triton installed, the correction is two fused kernels (`band_kernels`, one each way); elsewhere,
+and with KERNELS = "torch", it is the PyTorch ops below. Both are tested against a float64 dense reference.
 
 Dropout: the flash kernel draws its dropout mask internally, so no exact band correction can be applied to
 a dropped-out softmax from outside. Rather than silently train a different model (no attention dropout), a
@@ -79,24 +81,80 @@ def _band_probs(qf: Tensor, kf: Tensor, ref: Tensor, m: int, scale: float) -> Te
     return torch.where(valid, torch.exp(s - ref), 0.0)
 
 
+def _torch_band_forward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, a: Tensor,
+                        scale: float) -> tuple[Tensor, Tensor]:
+    """(O', L') from the unbiased flash (O, L) with PyTorch ops: one pass per band distance."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf, af = q.to(acc), k.to(acc), v.to(acc), a.detach().to(acc)
+    lse_f = lse.to(acc)
+    num, wsum = o.to(acc), torch.zeros_like(lse_f)
+    for m in range(af.size(0)):
+        w = torch.expm1(af[m]) * _band_probs(qf, kf, lse_f, m, scale)  # (B, H, T)
+        num = num + w.unsqueeze(-1) * _shift_down(vf, m)
+        wsum = wsum + w
+    return (num / (1.0 + wsum).unsqueeze(-1)).to(q.dtype), (lse_f + torch.log1p(wsum)).to(lse.dtype)
+
+
+def _torch_band_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, do: Tensor, dq: Tensor,
+                         dk: Tensor, dv: Tensor, a: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The band terms added to the flash backward's (dq, dk, dv), and d a, with PyTorch ops."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf, dof = q.to(acc), k.to(acc), v.to(acc), do.to(acc)
+    dq, dk, dv = dq.to(acc), dk.to(acc), dv.to(acc)
+    af, lse_f = a.detach().to(acc), lse.to(acc)
+    D = (dof * out.to(acc)).sum(-1)  # (B, H, T), from the same O' the flash backward used
+    da = []
+    for m in range(af.size(0)):
+        p = _band_probs(qf, kf, lse_f, m, scale)  # exp(s_im - L'_i): what flash already counted
+        g = (dof * _shift_down(vf, m)).sum(-1) - D
+        t = torch.expm1(af[m]) * p * g  # the missing part of dS_im
+        dq = dq + (scale * t).unsqueeze(-1) * _shift_down(kf, m)
+        dk = dk + _shift_up((scale * t).unsqueeze(-1) * qf, m)
+        dv = dv + _shift_up((torch.expm1(af[m]) * p).unsqueeze(-1) * dof, m)
+        da.append(torch.exp(af[m]) * (p * g).sum())
+    return dq, dk, dv, torch.stack(da) if da else torch.zeros_like(af)
+
+
+# Which implementation of the correction: "auto" = the fused Triton kernels on CUDA (when Triton is installed),
+# PyTorch ops elsewhere; "triton" forces the kernels (on CPU they need TRITON_INTERPRET=1: that is how the
+# tests run them without a GPU); "torch" forces the ops.
+KERNELS = "auto"
+
+
+def _use_triton(q: Tensor) -> bool:
+    if KERNELS == "auto":
+        return q.device.type == "cuda" and _triton_available()
+    return KERNELS == "triton"
+
+
+def _correction(use_triton: bool):
+    """(band_forward, band_backward)."""
+    if use_triton:
+        from pascal_dist import band_kernels
+
+        return band_kernels.band_forward, band_kernels.band_backward
+    return _torch_band_forward, _torch_band_backward
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class BandedFlashAttention(torch.autograd.Function):
     """(q, k, v (B, H, T, d), a (window,)) -> softmax(q k^T * scale + band(a) + causal) v, exact."""
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, a: Tensor) -> Tensor:
         scale = 1.0 / math.sqrt(q.size(-1))
-        acc = torch.promote_types(q.dtype, torch.float32)
+        ctx.use_triton = _use_triton(q)
+        band_forward, _ = _correction(ctx.use_triton)
         with torch.autocast(q.device.type, enabled=False):
             o, lse, extras = _flash_forward(q, k, v, scale)
-            qf, kf, vf, af = q.to(acc), k.to(acc), v.to(acc), a.detach().to(acc)
-            lse_f = lse.to(acc)
-            num, wsum = o.to(acc), torch.zeros_like(lse_f)
-            for m in range(af.size(0)):
-                w = torch.expm1(af[m]) * _band_probs(qf, kf, lse_f, m, scale)  # (B, H, T)
-                num = num + w.unsqueeze(-1) * _shift_down(vf, m)
-                wsum = wsum + w
-            out = (num / (1.0 + wsum).unsqueeze(-1)).to(q.dtype)
-            lse_new = (lse_f + torch.log1p(wsum)).to(lse.dtype)
+            out, lse_new = band_forward(q, k, v, o, lse, a, scale)
         ctx.save_for_backward(q, k, v, a, out, lse_new)
         ctx.extras, ctx.scale = extras, scale
         return out
@@ -104,26 +162,12 @@ class BandedFlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, do: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         q, k, v, a, out, lse = ctx.saved_tensors
-        scale = ctx.scale
-        acc = torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(q.device.type, enabled=False):
             do = do.contiguous()
-            dq, dk, dv = _flash_backward(do, q, k, v, out, lse, scale, ctx.extras)  # exact off the band
-            qf, kf, vf, dof = q.to(acc), k.to(acc), v.to(acc), do.to(acc)
-            dq, dk, dv = dq.to(acc), dk.to(acc), dv.to(acc)
-            af, lse_f = a.detach().to(acc), lse.to(acc)
-            D = (dof * out.to(acc)).sum(-1)  # (B, H, T), from the same O' the flash backward used
-            da = []
-            for m in range(af.size(0)):
-                p = _band_probs(qf, kf, lse_f, m, scale)  # exp(s_im - L'_i): what flash already counted
-                g = (dof * _shift_down(vf, m)).sum(-1) - D
-                t = torch.expm1(af[m]) * p * g  # the missing part of dS_im
-                dq = dq + (scale * t).unsqueeze(-1) * _shift_down(kf, m)
-                dk = dk + _shift_up((scale * t).unsqueeze(-1) * qf, m)
-                dv = dv + _shift_up((torch.expm1(af[m]) * p).unsqueeze(-1) * dof, m)
-                da.append(torch.exp(af[m]) * (p * g).sum())
-            da_t = torch.stack(da).to(a.dtype) if da else torch.zeros_like(a)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), da_t
+            dq, dk, dv = _flash_backward(do, q, k, v, out, lse, ctx.scale, ctx.extras)  # exact off the band
+            _, band_backward = _correction(ctx.use_triton)
+            dq, dk, dv, da = band_backward(q, k, v, out, lse, do, dq, dk, dv, a, ctx.scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), da.to(a.dtype)
 
 
 def _flash_supports(q: Tensor) -> bool:

@@ -1,5 +1,13 @@
 """Fixtures shared across the suite: a small real-text dataset prepared once per session."""
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's CPU interpreter. It must be chosen before anything imports triton
+    # (torch._dynamo does, during collection), or triton's own helpers stay compiled-only.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
