@@ -6,12 +6,13 @@ A backend turns the band vector a (window,) into whatever its kernel wants ONCE 
   reference  dense softmax(QK^T/sqrt(hs) + bias + causal) V, softmax in float32; the oracle, any device
   sdpa       F.scaled_dot_product_attention with the bias as a float mask (memory-efficient kernel)
   none       F.scaled_dot_product_attention(is_causal=True), no bias: the ablation baseline
-  banded     causal flash attention + the exact banded correction of ANCHORS.md in PyTorch ops
-             (pascal_dist.banded_attention, imported at the bottom of this module)
+  banded     causal flash attention + the exact banded correction of ANCHORS.md (fused Triton kernels on
+             CUDA, PyTorch ops elsewhere; pascal_dist.banded_attention, imported at the bottom of this module)
+  fused      one Triton flash kernel with the band and attention dropout in its inner loop
+             (pascal_dist.fused_attention, imported on first use: it needs Triton and a GPU or its interpreter)
 
-Hook for the fused GPU backend (flash attention + the exact banded correction of ANCHORS.md, in
-Triton): its module defines a class with the same `name / uses_band / prepare / attend` members and
-calls `register_backend(FusedBackend())` when imported; `get_backend("fused")` then finds it.
+A new backend is a class with the `name / uses_band / prepare / attend` members below, registered with
+`register_backend`.
 """
 from __future__ import annotations
 
@@ -120,9 +121,32 @@ for _b in (ReferenceBackend(), SdpaBackend(), NoBiasBackend()):
     register_backend(_b)
 
 
+_ON_FIRST_USE = {"fused": "pascal_dist.fused_attention"}
+
+
+def fused_unavailable_reason() -> str | None:
+    """Why the `fused` backend cannot run here, or None."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return "needs Triton (pip install triton; CUDA builds of torch include it)"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "needs a CUDA GPU (or TRITON_INTERPRET=1: Triton's CPU interpreter, for tests only, very slow)"
+    return None
+
+
 def get_backend(name: str) -> AttentionBackend:
+    if name in _ON_FIRST_USE and name not in BACKENDS:
+        reason = fused_unavailable_reason()
+        if reason:
+            raise ValueError(f"attention backend {name!r} {reason}")
+        import importlib
+
+        importlib.import_module(_ON_FIRST_USE[name])
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; valid: {', '.join(sorted(BACKENDS))}")
+        valid = sorted(set(BACKENDS) | set(_ON_FIRST_USE))
+        raise ValueError(f"unknown attention backend {name!r}; valid: {', '.join(valid)}")
     return BACKENDS[name]
 
 

@@ -25,7 +25,8 @@ class BiasConfig:
 class AttentionConfig:
     backend: str = "sdpa"
     """reference (dense math, the test oracle) | sdpa (SDPA, bias as a float mask) | none (no bias) | banded
-    (causal flash + the exact band correction, O(T) extra memory; with attention dropout it runs the sdpa path)."""
+    (causal flash + the exact band correction, O(T) extra memory; with attention dropout it runs the sdpa path)
+    | fused (one Triton flash kernel with the band and the dropout inside; needs a GPU and Triton)."""
 
 
 @dataclass

@@ -1,0 +1,282 @@
+"""The `fused` attention backend: one Triton flash-attention kernel with the Pascal band and dropout inside it.
+
+Where `banded` corrects a library flash kernel from outside, this kernel adds the band a[i - j] to the scores
+of the diagonal tiles in its own inner loop, so the biased softmax is never wrong to begin with, and attention
+dropout is applied in the same loop (Philox, keyed by a seed drawn from the device's torch generator and the
+(head, i, j) position), so the SPEC recipe's attn_dropout 0.1 keeps the flash path: no T x T tensor is built
+or saved, with or without dropout. Backward (FlashAttention-2): one kernel per key block for dk, dv and
+d a = sum of dS over each diagonal (per-program partials, reduced in PyTorch: reproducible), one per query
+block for dq. The dropout mask is regenerated from the saved seed, never stored.
+
+Needs Triton (CUDA; or its CPU interpreter, TRITON_INTERPRET=1, which is how the tests run it without a GPU).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from pascal_dist.attention import attend_cached, register_backend  # noqa: F401  (attend_cached: generation)
+
+
+@triton.jit
+def _head(X, bh, H, s_b, s_h):
+    """Start of (b, h) = divmod(bh, H) in a (B, H, T, d) tensor of any batch/head strides."""
+    return X + (bh // H).to(tl.int64) * s_b + (bh % H).to(tl.int64) * s_h
+
+
+@triton.jit
+def _tile(base, rows, cols, s_t, n_rows, n_cols):
+    """Pointers and mask of a (rows, cols) tile of one (b, h) slice with row stride s_t, column stride 1."""
+    return base + rows[:, None] * s_t + cols[None, :], (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+
+
+@triton.jit
+def _biased_scores(q, k, offs_m, offs_n, A, scale, T, WINDOW: tl.constexpr):
+    """q k^T * scale + band, -inf above the diagonal and past T (float32)."""
+    s = tl.dot(q, tl.trans(k)) * scale
+    dist = offs_m[:, None] - offs_n[None, :]
+    for m in tl.static_range(WINDOW):
+        s += tl.where(dist == m, tl.load(A + m), 0.0)
+    return tl.where((dist >= 0) & (offs_n[None, :] < T) & (offs_m[:, None] < T), s, float("-inf"))
+
+
+@triton.jit
+def _keep(seed, bh, offs_m, offs_n, T, p_drop):
+    """The dropout mask of (bh, i, j): the same bits in forward and both backward kernels."""
+    offsets = (bh.to(tl.int64) * T + offs_m[:, None].to(tl.int64)) * T + offs_n[None, :].to(tl.int64)
+    return tl.rand(seed, offsets) >= p_drop
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, A, SEED, O, L, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, H, T, D, scale, p_drop,
+                WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs, mask = _tile(_head(Q, bh, H, sq_b, sq_h), offs_m, offs_d, sq_t, T, D)
+    q = tl.load(ptrs, mask=mask, other=0.0)
+    seed = tl.load(SEED)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, tl.minimum((pid_m + 1) * BLOCK_M, T), BLOCK_N):  # causal: keys j <= last query
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs, kv_mask = _tile(_head(K, bh, H, sk_b, sk_h), offs_n, offs_d, sk_t, T, D)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v_ptrs, _ = _tile(_head(V, bh, H, sv_b, sv_h), offs_n, offs_d, sv_t, T, D)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        s = _biased_scores(q, k, offs_m, offs_n, A, scale, T, WINDOW)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past T see no key: keep them nan-free
+        p = tl.exp(s - m_new[:, None])
+        rescale = tl.exp(m_i - m_new)
+        l_i = l_i * rescale + tl.sum(p, axis=1)  # the normaliser counts every key, dropped or not
+        if DROPOUT:
+            p = tl.where(_keep(seed, bh, offs_m, offs_n, T, p_drop), p / (1.0 - p_drop), 0.0)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_i[:, None]
+    o_ptrs, o_mask = _tile(O + bh * T * D, offs_m, offs_d, D, T, D)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(L + bh * T + offs_m, m_i + tl.log(l_i), mask=offs_m < T)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, A, SEED, DO, L, DELTA, DK, DV, DA, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, H,
+                     T, D, scale, p_drop, WINDOW: tl.constexpr, WINDOW_P2: tl.constexpr, DROPOUT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Key block n of one (b, h): dk, dv over every query i >= j, and this block's share of d a."""
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_ptrs, kv_mask = _tile(_head(K, bh, H, sk_b, sk_h), offs_n, offs_d, sk_t, T, D)
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v_ptrs, _ = _tile(_head(V, bh, H, sv_b, sv_h), offs_n, offs_d, sv_t, T, D)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    seed = tl.load(SEED)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    diag = tl.arange(0, WINDOW_P2)  # tl.arange needs a power of two; the store masks the rest
+    da = tl.zeros([WINDOW_P2], dtype=tl.float32)
+    for start_m in range((pid_n * BLOCK_N) // BLOCK_M * BLOCK_M, T, BLOCK_M):  # causal: queries i >= first key
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_ptrs, q_mask = _tile(_head(Q, bh, H, sq_b, sq_h), offs_m, offs_d, sq_t, T, D)
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+        do_ptrs, _ = _tile(DO + bh * T * D, offs_m, offs_d, D, T, D)
+        do = tl.load(do_ptrs, mask=q_mask, other=0.0)
+        lse = tl.load(L + bh * T + offs_m, mask=offs_m < T, other=0.0)
+        delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
+        p = tl.exp(_biased_scores(q, k, offs_m, offs_n, A, scale, T, WINDOW) - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        if DROPOUT:
+            keep = _keep(seed, bh, offs_m, offs_n, T, p_drop)
+            dv += tl.dot(tl.trans(tl.where(keep, p / (1.0 - p_drop), 0.0).to(do.dtype)), do)
+            dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
+        else:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        ds = p * (dp - delta[:, None])  # dLoss/d(score), bias included: a_m's gradient is its diagonal's sum
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dist = offs_m[:, None] - offs_n[None, :]
+        for m in tl.static_range(WINDOW):
+            da += tl.where(diag == m, tl.sum(tl.sum(tl.where(dist == m, ds, 0.0), axis=1), axis=0), 0.0)
+    dk_ptrs, _ = _tile(DK + bh * T * D, offs_n, offs_d, D, T, D)
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    dv_ptrs, _ = _tile(DV + bh * T * D, offs_n, offs_d, D, T, D)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(DA + (bh * tl.num_programs(0) + pid_n) * WINDOW + diag, da, mask=diag < WINDOW)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, A, SEED, DO, L, DELTA, DQ, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, H,
+                   T, D, scale, p_drop, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs, q_mask = _tile(_head(Q, bh, H, sq_b, sq_h), offs_m, offs_d, sq_t, T, D)
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    do_ptrs, _ = _tile(DO + bh * T * D, offs_m, offs_d, D, T, D)
+    do = tl.load(do_ptrs, mask=q_mask, other=0.0)
+    lse = tl.load(L + bh * T + offs_m, mask=offs_m < T, other=0.0)
+    delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
+    seed = tl.load(SEED)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, tl.minimum((pid_m + 1) * BLOCK_M, T), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs, kv_mask = _tile(_head(K, bh, H, sk_b, sk_h), offs_n, offs_d, sk_t, T, D)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v_ptrs, _ = _tile(_head(V, bh, H, sv_b, sv_h), offs_n, offs_d, sv_t, T, D)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        p = tl.exp(_biased_scores(q, k, offs_m, offs_n, A, scale, T, WINDOW) - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        if DROPOUT:
+            dp = tl.where(_keep(seed, bh, offs_m, offs_n, T, p_drop), dp / (1.0 - p_drop), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    dq_ptrs, _ = _tile(DQ + bh * T * D, offs_m, offs_d, D, T, D)
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _mask_kernel(SEED, KEEP, T, p_drop, BLOCK: tl.constexpr):
+    pid_m, pid_n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    keep = _keep(tl.load(SEED), bh, offs_m, offs_n, T, p_drop)
+    ptrs, mask = _tile(KEEP + bh.to(tl.int64) * T * T, offs_m, offs_n, T, T, T)
+    tl.store(ptrs, keep.to(tl.int8), mask=mask)
+
+
+def dropout_mask(seed: Tensor, B: int, H: int, T: int, dropout_p: float) -> Tensor:
+    """The (B, H, T, T) keep-mask that the kernels draw for `seed` (for tests and debugging: T x T memory)."""
+    keep = torch.empty((B, H, T, T), device=seed.device, dtype=torch.int8)
+    block = 32
+    _mask_kernel[(triton.cdiv(T, block), triton.cdiv(T, block), B * H)](seed, keep, T, dropout_p, BLOCK=block)
+    return keep.bool()
+
+
+def _blocks(head_dim: int) -> dict:
+    """Tile sizes: a starting point (Triton's tutorial sizes for A100/H100), judged by bench/bench_backends.py."""
+    return dict(BLOCK_M=64, BLOCK_N=64 if head_dim <= 64 else 32, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                num_warps=4 if head_dim <= 64 else 8)
+
+
+def _strides(x: Tensor) -> tuple[int, ...]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _inner_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# Custom ops: torch.compile sees one opaque call each way (shapes from the fake implementations).
+@torch.library.custom_op("pascal_dist::fused_band_attention", mutates_args=())
+def fused_forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(out (B, H, T, d) in q's dtype, logsumexp (B, H, T) float32, dropout seed (1,) int64)."""
+    q, k, v = (_inner_contiguous(x) for x in (q, k, v))
+    B, H, T, D = q.shape
+    # drawn from the device's torch generator: checkpointed with the run, no host sync
+    seed = torch.randint(0, 2 ** 62, (1,), device=q.device, dtype=torch.int64)
+    out = torch.empty((B, H, T, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    opts = _blocks(D)
+    grid = (triton.cdiv(T, opts["BLOCK_M"]), B * H)
+    _fwd_kernel[grid](q, k, v, a.detach().float().contiguous(), seed, out, lse, *_strides(q), *_strides(k),
+                      *_strides(v), H, T, D, 1.0 / math.sqrt(D), dropout_p,
+                      WINDOW=a.numel(), DROPOUT=dropout_p > 0.0, **opts)
+    return out, lse, seed
+
+
+@fused_forward.register_fake
+def _fused_forward_fake(q, k, v, a, dropout_p):
+    B, H, T, D = q.shape
+    return (q.new_empty((B, H, T, D)), q.new_empty((B, H, T), dtype=torch.float32),
+            q.new_empty((1,), dtype=torch.int64))
+
+
+@torch.library.custom_op("pascal_dist::fused_band_attention_backward", mutates_args=())
+def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, a: Tensor, seed: Tensor,
+                   dropout_p: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) in q's dtype and d a (window,) float32."""
+    q, k, v = (_inner_contiguous(x) for x in (q, k, v))
+    do = do.contiguous()
+    B, H, T, D = q.shape
+    delta = (do.float() * out.float()).sum(-1).contiguous()  # D_i = dO_i . O_i, (B, H, T)
+    dq, dk, dv = (torch.empty((B, H, T, D), device=q.device, dtype=q.dtype) for _ in range(3))
+    opts = _blocks(D)
+    n_blocks = triton.cdiv(T, opts["BLOCK_N"])
+    partial = torch.empty(B * H * n_blocks, a.numel(), device=q.device, dtype=torch.float32)
+    common = (*_strides(q), *_strides(k), *_strides(v), H, T, D, 1.0 / math.sqrt(D), dropout_p)
+    af = a.detach().float().contiguous()
+    _bwd_dkdv_kernel[(n_blocks, B * H)](q, k, v, af, seed, do, lse, delta, dk, dv, partial, *common,
+                                         WINDOW=a.numel(), WINDOW_P2=triton.next_power_of_2(a.numel()),
+                                         DROPOUT=dropout_p > 0.0, **opts)
+    _bwd_dq_kernel[(triton.cdiv(T, opts["BLOCK_M"]), B * H)](q, k, v, af, seed, do, lse, delta, dq, *common,
+                                                             WINDOW=a.numel(), DROPOUT=dropout_p > 0.0, **opts)
+    return dq, dk, dv, partial.sum(0)
+
+
+@fused_backward.register_fake
+def _fused_backward_fake(do, q, k, v, out, lse, a, seed, dropout_p):
+    B, H, T, D = q.shape
+    return (*(q.new_empty((B, H, T, D)) for _ in range(3)), a.new_empty(a.shape, dtype=torch.float32))
+
+
+class FusedBandAttention(torch.autograd.Function):
+    """(q, k, v (B, H, T, d), a (window,), dropout_p) -> dropout(softmax(q k^T / sqrt(d) + band(a) + causal)) v."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, a: Tensor, dropout_p: float) -> Tensor:
+        out, lse, seed = fused_forward(q, k, v, a, dropout_p)
+        ctx.save_for_backward(q, k, v, a, out, lse, seed)
+        ctx.dropout_p = dropout_p
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, do: Tensor):
+        q, k, v, a, out, lse, seed = ctx.saved_tensors
+        dq, dk, dv, da = fused_backward(do, q, k, v, out, lse, a, seed, ctx.dropout_p)
+        return dq, dk, dv, da.to(a.dtype), None
+
+
+class FusedBackend:
+    name = "fused"
+    uses_band = True
+
+    def prepare(self, band: Tensor | None, T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        if band is None:
+            band = torch.zeros(1, device=device)
+        return band.to(torch.promote_types(band.dtype, torch.float32))  # (window,), float32 in the kernel
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Tensor, dropout_p: float) -> Tensor:
+        return FusedBandAttention.apply(q, k, v, prepared, dropout_p)
+
+
+register_backend(FusedBackend())

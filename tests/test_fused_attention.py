@@ -1,0 +1,188 @@
+"""The `fused` backend (one Triton flash kernel, band and dropout inside) against a float64 dense reference.
+
+Without a GPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1 before triton is
+imported). Its tl.dot is wrong for bf16 tiles, so bf16 is checked only on CUDA (the `gpu` tests at the end);
+float32 and float16 run the same kernel source here.
+"""
+import math
+import os
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+try:
+    import triton  # noqa: F401
+except ImportError:
+    if os.environ.get("CI") == "true":
+        raise  # `.[dev]` installs it: in CI a skip would hide the kernels from every check
+    pytest.skip("Triton is not installed", allow_module_level=True)
+
+from pascal_dist.attention import get_backend  # noqa: E402
+from pascal_dist.bias import PascalBias  # noqa: E402
+from pascal_dist.config import ConfigError, load_config  # noqa: E402
+from pascal_dist.fused_attention import dropout_mask  # noqa: E402
+from pascal_dist.schema import BiasConfig  # noqa: E402
+from tests.test_banded_attention import (LABELS, STEP, THETA, WARMUP, batch, build, inputs,  # noqa: E402
+                                         loss_and_grads, spec_band64)
+
+
+def reference64(q, k, v, w, pascal_n, window, keep=None, p=0.0):
+    """Output and grads (q, k, v, theta, band) of dense float64 attention, dropout by an explicit keep-mask."""
+    q, k, v = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    theta = torch.tensor([THETA], dtype=torch.float64, requires_grad=True)
+    band = spec_band64(theta, pascal_n, window)
+    band.retain_grad()
+    T = q.size(-2)
+    dist = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+    bias = torch.zeros(T, T, dtype=torch.float64).masked_fill(dist < 0, -math.inf)
+    for m in range(window):
+        bias = bias + torch.where(dist == m, band[m], 0.0)
+    att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)) + bias, dim=-1)
+    if keep is not None:
+        att = att * keep.cpu().double() / (1 - p)
+    out = att @ v
+    (out * w.cpu().double()).sum().backward()
+    dtheta = torch.zeros(1, dtype=torch.float64) if theta.grad is None else theta.grad
+    return out.detach(), q.grad, k.grad, v.grad, dtheta, band.grad
+
+
+def fused(q, k, v, w, pascal_n, window, p=0.0):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    bias = PascalBias(BiasConfig(pascal_n=pascal_n, window=window, theta_init=THETA, warmup_steps=WARMUP))
+    bias = bias.to(q.device)
+    band = bias(torch.tensor(STEP, device=q.device))
+    band.retain_grad()
+    be = get_backend("fused")
+    out = be.attend(q, k, v, be.prepare(band, q.size(-2), q.device, q.dtype), p)
+    (out * w).sum().backward()
+    return out.detach(), q.grad, k.grad, v.grad, bias.theta.grad, band.grad
+
+
+def rel_err(x, ref):
+    return ((x.detach().cpu().double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("pascal_n,window", [(3, 1), (3, 3), (4, 5)])  # window 5: not a power of two
+@pytest.mark.parametrize("T,D", [(1, 16), (3, 16), (17, 16), (70, 40), (130, 64), (66, 128)])
+def test_float32_matches_float64_reference(T, D, pascal_n, window):
+    q, k, v, w = inputs(T, D, torch.float32, seed=T + D + window)
+    got, ref = fused(q, k, v, w, pascal_n, window), reference64(q, k, v, w, pascal_n, window)
+    for label, x, r in zip(LABELS, got, ref):
+        assert x.dtype == torch.float32, label
+        tol = 1e-4 * r.abs().max().item()  # band and theta grads are sums over B*H*T terms
+        torch.testing.assert_close(x.double(), r, rtol=1e-4, atol=max(2e-5, tol), msg=f"T={T} D={D} {label}")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 1e-2)])
+def test_half_precision_matches_float64_reference(dtype, tol):
+    if dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("Triton's interpreter multiplies bf16 tiles as raw integers in tl.dot (triton 3.9); GPU only")
+    q, k, v, w = inputs(96, 64, dtype, seed=11)
+    got, ref = fused(q, k, v, w, 3, 3), reference64(q, k, v, w, 3, 3)
+    for label, x, r in zip(LABELS, got, ref):
+        assert x.dtype == (dtype if label in ("out", "dq", "dk", "dv") else torch.float32), label
+        assert rel_err(x, r) < (2 * tol if label in ("dtheta", "dband") else tol), f"{dtype} {label}"
+
+
+def test_dropout_is_exact_for_the_mask_it_draws():
+    """Forward and every gradient equal dense float64 attention with the kernel's own keep-mask."""
+    q, k, v, w = inputs(70, 16, torch.float32, seed=3)
+    p = 0.3
+    torch.manual_seed(7)
+    got = fused(q, k, v, w, 3, 3, p=p)
+    torch.manual_seed(7)  # the forward drew its seed from the same generator state
+    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)
+    keep = dropout_mask(seed, *q.shape[:3], p)
+    assert 0.6 < keep.float().mean().item() < 0.8
+    ref = reference64(q, k, v, w, 3, 3, keep=keep, p=p)
+    for label, x, r in zip(LABELS, got, ref):
+        tol = 1e-4 * r.abs().max().item()
+        torch.testing.assert_close(x.double(), r, rtol=1e-4, atol=max(2e-5, tol), msg=label)
+    no_dropout = reference64(q, k, v, w, 3, 3)[0]
+    assert rel_err(got[0], no_dropout) > 0.05  # the mask did something
+
+
+def test_dropout_mask_statistics_and_streams():
+    seed = torch.tensor([12345], dtype=torch.int64)
+    keep = dropout_mask(seed, 2, 3, 128, 0.1).float()
+    assert abs(keep.mean().item() - 0.9) < 0.005  # 98k draws: 0.005 is over 5 standard deviations
+    assert torch.equal(dropout_mask(seed, 2, 3, 128, 0.1).float(), keep)  # regenerated bit for bit
+    heads = keep.reshape(6, -1)
+    assert all(not torch.equal(heads[0], heads[i]) for i in range(1, 6))  # one stream per (batch, head)
+    other = dropout_mask(seed + 1, 2, 3, 128, 0.1).float()
+    assert (other != keep).float().mean().item() > 0.1
+
+
+def test_model_equals_reference_backend():
+    idx, tgt = batch()
+    (l0, g0), (l1, g1) = (loss_and_grads(build(b).train(), idx, tgt) for b in ("reference", "fused"))
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    assert g0.keys() == g1.keys() and g1["bias.theta"].abs().item() > 0
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def with_attn_dropout(model, p):
+    for block in model.blocks:
+        block.attn.attn_dropout = p
+    return model
+
+
+def test_model_with_attention_dropout_is_reproducible():
+    """A run is a pure function of the seed: the dropout seed comes from torch's generator."""
+    idx, tgt = batch()
+    runs = []
+    for _ in range(2):
+        m = with_attn_dropout(build("fused"), 0.1).train()
+        torch.manual_seed(5)
+        runs.append(loss_and_grads(m, idx, tgt))
+    (l0, g0), (l1, g1) = runs
+    assert torch.equal(l0, l1) and all(torch.equal(g0[n], g1[n]) for n in g0)
+    m = with_attn_dropout(build("fused"), 0.1).train()
+    torch.manual_seed(6)
+    assert not torch.equal(loss_and_grads(m, idx, tgt)[0], l0)
+
+
+def test_compiles_without_graph_breaks_and_matches_eager():
+    m = build("fused").train()
+    idx, tgt = batch()
+    explanation = torch._dynamo.explain(m)(idx, tgt)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    l0, g0 = loss_and_grads(m, idx, tgt)
+    m.zero_grad(set_to_none=True)
+    cnt = CompileCounterWithBackend("aot_eager")
+    l1, g1 = loss_and_grads(m, idx, tgt, torch.compile(m, backend=cnt))
+    assert cnt.frame_count == 1
+    torch.testing.assert_close(l1, l0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_config_names_what_is_missing(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: nothing is missing")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ConfigError, match="model.attention.backend 'fused' needs a CUDA GPU"):
+        load_config(None, ["model.attention.backend=fused"])
+
+
+# --- on a GPU: the compiled kernels, bf16, long sequences, head dims 64 and 128 ---------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("T,D,p", [(256, 64, 0.0), (1000, 64, 0.0), (1024, 128, 0.0), (4096, 64, 0.0),
+                                   (256, 64, 0.1), (1000, 128, 0.1)])
+def test_cuda_bf16_matches_float64_reference(T, D, p):
+    q, k, v, w = inputs(T, D, torch.float32, seed=T + D, B=1, H=2)
+    q, k, v, w = (t.cuda().bfloat16() for t in (q, k, v, w))
+    torch.manual_seed(1)
+    got = fused(q, k, v, w, 3, 3, p=p)
+    keep = None
+    if p:
+        torch.manual_seed(1)
+        keep = dropout_mask(torch.randint(0, 2 ** 62, (1,), device="cuda", dtype=torch.int64), 1, 2, T, p)
+    ref = reference64(q.float(), k.float(), v.float(), w.float(), 3, 3, keep=keep, p=p)
+    for label, x, r in zip(LABELS, got, ref):
+        err = rel_err(x, r)
+        assert err < (2e-2 if label in ("dtheta", "dband") else 1e-2), f"T={T} D={D} p={p} {label}: {err}"
