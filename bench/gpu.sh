@@ -8,9 +8,9 @@
 #       -d .whl hjson pydantic pydantic-core annotated-types typing-inspection omegaconf antlr4-python3-runtime
 #   and carry .whl/ along: it is installed into /tmp/site.
 # What is still open on GPUs (the fused Pascal kernel's speed, the engine's overhead) is tracked as an issue;
-# these scripts measure where the project stands: attention backends at T=256 and T=1024 (banded with the
-# fused Triton correction and with PyTorch ops), the full step plain vs
-# ZeRO 1/2/3 (tokens/s, TFLOP/s, MFU, peak memory), and the GPU-marked tests (bf16 numerics on CUDA).
+# these scripts measure where the project stands: attention backends at T=256 and T=1024 (fused; banded with
+# its Triton correction and with PyTorch ops), the full step plain vs ZeRO 1/2/3, unbiased and fused (tokens/s,
+# TFLOP/s, MFU, peak memory), and the GPU-marked tests (bf16 numerics on CUDA, T up to 4096, head dim 128).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-bench-out}
@@ -22,10 +22,14 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/card.txt"
-python3 -m pytest -q -m gpu tests/test_model.py tests/test_attention.py tests/test_band_kernels.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -3
-spec=(--n-layer 12 --n-embd 768 --n-head 12 --compile)
+python3 -m pytest -q -m gpu tests/test_model.py tests/test_attention.py tests/test_band_kernels.py \
+  tests/test_fused_attention.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -3
+backends=none,sdpa,reference,banded,banded:torch,fused
+spec=(--n-layer 12 --n-embd 768 --n-head 12 --compile --backends "$backends")
 python3 bench/bench_backends.py "${spec[@]}" --block-size 256 --batch 64 > "$OUT/backends-T256.md" 2>"$OUT/backends-T256.log"
 python3 bench/bench_backends.py "${spec[@]}" --block-size 1024 --batch 16 > "$OUT/backends-T1024.md" 2>"$OUT/backends-T1024.log"
-RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 \
-  python3 bench/bench_step.py --spec --compile --peak-tflops "$PEAK_TFLOPS" > "$OUT/step.md" 2>"$OUT/step.log"
-cat "$OUT/backends-T256.md" "$OUT/backends-T1024.md" "$OUT/step.md"
+for backend in none fused; do
+  RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 python3 bench/bench_step.py --spec \
+    --compile --backend $backend --peak-tflops "$PEAK_TFLOPS" > "$OUT/step-$backend.md" 2>"$OUT/step-$backend.log"
+done
+cat "$OUT/backends-T256.md" "$OUT/backends-T1024.md" "$OUT/step-none.md" "$OUT/step-fused.md"
