@@ -36,13 +36,16 @@ def _tile(base, rows, cols, s_t, n_rows, n_cols):
 
 
 @triton.jit
-def _biased_scores(q, k, offs_m, offs_n, A, scale, T, WINDOW: tl.constexpr):
-    """q k^T * scale + band, -inf above the diagonal and past T (float32)."""
+def _scores(q, k, offs_m, offs_n, A, scale, T, WINDOW: tl.constexpr, MASKED: tl.constexpr):
+    """q k^T * scale (float32). Only tiles that reach the band or the diagonal (MASKED) pay for the band and the
+    masks: -inf above the diagonal and past T. The others are plain matmuls, as in any flash kernel."""
     s = tl.dot(q, tl.trans(k)) * scale
-    dist = offs_m[:, None] - offs_n[None, :]
-    for m in tl.static_range(WINDOW):
-        s += tl.where(dist == m, tl.load(A + m), 0.0)
-    return tl.where((dist >= 0) & (offs_n[None, :] < T) & (offs_m[:, None] < T), s, float("-inf"))
+    if MASKED:
+        dist = offs_m[:, None] - offs_n[None, :]
+        for m in tl.static_range(WINDOW):
+            s += tl.where(dist == m, tl.load(A + m), 0.0)
+        s = tl.where((dist >= 0) & (offs_n[None, :] < T) & (offs_m[:, None] < T), s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -53,34 +56,53 @@ def _keep(seed, bh, offs_m, offs_n, T, p_drop):
 
 
 @triton.jit
+def _first_masked_key(start_m, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks before this one lie WINDOW or more below every query of the block: no band, no mask."""
+    return tl.maximum(start_m - (WINDOW - 1), 0) // BLOCK_N * BLOCK_N
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, K, V, A, seed, bh, sk_t, sv_t, offs_m, offs_d, start_n, T, D, scale, p_drop,
+               WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_ptrs, kv_mask = _tile(K, offs_n, offs_d, sk_t, T, D)
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v_ptrs, _ = _tile(V, offs_n, offs_d, sv_t, T, D)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    s = _scores(q, k, offs_m, offs_n, A, scale, T, WINDOW, MASKED)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past T see no key: keep them nan-free
+    p = tl.exp(s - m_new[:, None])
+    rescale = tl.exp(m_i - m_new)
+    l_i = l_i * rescale + tl.sum(p, axis=1)  # the normaliser counts every key, dropped or not
+    if DROPOUT:
+        p = tl.where(_keep(seed, bh, offs_m, offs_n, T, p_drop), p / (1.0 - p_drop), 0.0)
+    acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, A, SEED, O, L, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, H, T, D, scale, p_drop,
                 WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ptrs, mask = _tile(_head(Q, bh, H, sq_b, sq_h), offs_m, offs_d, sq_t, T, D)
     q = tl.load(ptrs, mask=mask, other=0.0)
+    K, V = _head(K, bh, H, sk_b, sk_h), _head(V, bh, H, sv_b, sv_h)
     seed = tl.load(SEED)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, tl.minimum((pid_m + 1) * BLOCK_M, T), BLOCK_N):  # causal: keys j <= last query
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs, kv_mask = _tile(_head(K, bh, H, sk_b, sk_h), offs_n, offs_d, sk_t, T, D)
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v_ptrs, _ = _tile(_head(V, bh, H, sv_b, sv_h), offs_n, offs_d, sv_t, T, D)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        s = _biased_scores(q, k, offs_m, offs_n, A, scale, T, WINDOW)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past T see no key: keep them nan-free
-        p = tl.exp(s - m_new[:, None])
-        rescale = tl.exp(m_i - m_new)
-        l_i = l_i * rescale + tl.sum(p, axis=1)  # the normaliser counts every key, dropped or not
-        if DROPOUT:
-            p = tl.where(_keep(seed, bh, offs_m, offs_n, T, p_drop), p / (1.0 - p_drop), 0.0)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    lo = _first_masked_key(start_m, WINDOW, BLOCK_N)
+    for start_n in range(0, lo, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, A, seed, bh, sk_t, sv_t, offs_m, offs_d, start_n, T, D,
+                                   scale, p_drop, WINDOW, DROPOUT, False, BLOCK_N)
+    for start_n in range(lo, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):  # causal: keys j <= last query
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, A, seed, bh, sk_t, sv_t, offs_m, offs_d, start_n, T, D,
+                                   scale, p_drop, WINDOW, DROPOUT, True, BLOCK_N)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     o_ptrs, o_mask = _tile(O + bh * T * D, offs_m, offs_d, D, T, D)
@@ -89,43 +111,59 @@ def _fwd_kernel(Q, K, V, A, SEED, O, L, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b
 
 
 @triton.jit
+def _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, offs_n, offs_d, start_m, T, D, scale,
+                p_drop, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q_ptrs, q_mask = _tile(Q, offs_m, offs_d, sq_t, T, D)
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    do_ptrs, _ = _tile(DO, offs_m, offs_d, D, T, D)
+    do = tl.load(do_ptrs, mask=q_mask, other=0.0)  # rows past T: dO = 0, so they add nothing below
+    lse = tl.load(L + offs_m, mask=offs_m < T, other=0.0)
+    delta = tl.load(DELTA + offs_m, mask=offs_m < T, other=0.0)
+    p = tl.exp(_scores(q, k, offs_m, offs_n, A, scale, T, WINDOW, MASKED) - lse[:, None])
+    dp = tl.dot(do, tl.trans(v))
+    if DROPOUT:
+        keep = _keep(seed, bh, offs_m, offs_n, T, p_drop)
+        dv += tl.dot(tl.trans(tl.where(keep, p / (1.0 - p_drop), 0.0).to(do.dtype)), do)
+        dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
+    else:
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+    ds = p * (dp - delta[:, None])  # dLoss/d(score), bias included: a_m's gradient is its diagonal's sum
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    if MASKED:
+        dist = offs_m[:, None] - offs_n[None, :]
+        for m in tl.static_range(WINDOW):
+            da += tl.where(diag == m, tl.sum(tl.sum(tl.where(dist == m, ds, 0.0), axis=1), axis=0), 0.0)
+    return dk, dv, da
+
+
+@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, A, SEED, DO, L, DELTA, DK, DV, DA, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, H,
                      T, D, scale, p_drop, WINDOW: tl.constexpr, WINDOW_P2: tl.constexpr, DROPOUT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Key block n of one (b, h): dk, dv over every query i >= j, and this block's share of d a."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_ptrs, kv_mask = _tile(_head(K, bh, H, sk_b, sk_h), offs_n, offs_d, sk_t, T, D)
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     v_ptrs, _ = _tile(_head(V, bh, H, sv_b, sv_h), offs_n, offs_d, sv_t, T, D)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    Q, DO, L, DELTA = _head(Q, bh, H, sq_b, sq_h), DO + bh * T * D, L + bh * T, DELTA + bh * T
     seed = tl.load(SEED)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     diag = tl.arange(0, WINDOW_P2)  # tl.arange needs a power of two; the store masks the rest
     da = tl.zeros([WINDOW_P2], dtype=tl.float32)
-    for start_m in range((pid_n * BLOCK_N) // BLOCK_M * BLOCK_M, T, BLOCK_M):  # causal: queries i >= first key
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_ptrs, q_mask = _tile(_head(Q, bh, H, sq_b, sq_h), offs_m, offs_d, sq_t, T, D)
-        q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-        do_ptrs, _ = _tile(DO + bh * T * D, offs_m, offs_d, D, T, D)
-        do = tl.load(do_ptrs, mask=q_mask, other=0.0)
-        lse = tl.load(L + bh * T + offs_m, mask=offs_m < T, other=0.0)
-        delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
-        p = tl.exp(_biased_scores(q, k, offs_m, offs_n, A, scale, T, WINDOW) - lse[:, None])
-        dp = tl.dot(do, tl.trans(v))
-        if DROPOUT:
-            keep = _keep(seed, bh, offs_m, offs_n, T, p_drop)
-            dv += tl.dot(tl.trans(tl.where(keep, p / (1.0 - p_drop), 0.0).to(do.dtype)), do)
-            dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
-        else:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        ds = p * (dp - delta[:, None])  # dLoss/d(score), bias included: a_m's gradient is its diagonal's sum
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-        dist = offs_m[:, None] - offs_n[None, :]
-        for m in tl.static_range(WINDOW):
-            da += tl.where(diag == m, tl.sum(tl.sum(tl.where(dist == m, ds, 0.0), axis=1), axis=0), 0.0)
+    first = start_n // BLOCK_M * BLOCK_M  # causal: queries i >= the first key
+    mid = tl.minimum(tl.cdiv(start_n + BLOCK_N + WINDOW - 1, BLOCK_M) * BLOCK_M, T)  # from here: no band, no mask
+    for start_m in range(first, mid, BLOCK_M):
+        dk, dv, da = _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, offs_n, offs_d, start_m,
+                                 T, D, scale, p_drop, WINDOW, DROPOUT, True, BLOCK_M)
+    for start_m in range(mid, T, BLOCK_M):
+        dk, dv, da = _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, offs_n, offs_d, start_m,
+                                 T, D, scale, p_drop, WINDOW, DROPOUT, False, BLOCK_M)
     dk_ptrs, _ = _tile(DK + bh * T * D, offs_n, offs_d, D, T, D)
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     dv_ptrs, _ = _tile(DV + bh * T * D, offs_n, offs_d, D, T, D)
@@ -134,11 +172,28 @@ def _bwd_dkdv_kernel(Q, K, V, A, SEED, DO, L, DELTA, DK, DV, DA, sq_b, sq_h, sq_
 
 
 @triton.jit
+def _dq_block(dq, q, do, lse, delta, K, V, A, seed, bh, sk_t, sv_t, offs_m, offs_d, start_n, T, D, scale, p_drop,
+              WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_ptrs, kv_mask = _tile(K, offs_n, offs_d, sk_t, T, D)
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v_ptrs, _ = _tile(V, offs_n, offs_d, sv_t, T, D)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    p = tl.exp(_scores(q, k, offs_m, offs_n, A, scale, T, WINDOW, MASKED) - lse[:, None])
+    dp = tl.dot(do, tl.trans(v))
+    if DROPOUT:
+        dp = tl.where(_keep(seed, bh, offs_m, offs_n, T, p_drop), dp / (1.0 - p_drop), 0.0)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k)
+
+
+@triton.jit
 def _bwd_dq_kernel(Q, K, V, A, SEED, DO, L, DELTA, DQ, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, H,
                    T, D, scale, p_drop, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_ptrs, q_mask = _tile(_head(Q, bh, H, sq_b, sq_h), offs_m, offs_d, sq_t, T, D)
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
@@ -146,20 +201,16 @@ def _bwd_dq_kernel(Q, K, V, A, SEED, DO, L, DELTA, DQ, sq_b, sq_h, sq_t, sk_b, s
     do = tl.load(do_ptrs, mask=q_mask, other=0.0)
     lse = tl.load(L + bh * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
+    K, V = _head(K, bh, H, sk_b, sk_h), _head(V, bh, H, sv_b, sv_h)
     seed = tl.load(SEED)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, tl.minimum((pid_m + 1) * BLOCK_M, T), BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs, kv_mask = _tile(_head(K, bh, H, sk_b, sk_h), offs_n, offs_d, sk_t, T, D)
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v_ptrs, _ = _tile(_head(V, bh, H, sv_b, sv_h), offs_n, offs_d, sv_t, T, D)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        p = tl.exp(_biased_scores(q, k, offs_m, offs_n, A, scale, T, WINDOW) - lse[:, None])
-        dp = tl.dot(do, tl.trans(v))
-        if DROPOUT:
-            dp = tl.where(_keep(seed, bh, offs_m, offs_n, T, p_drop), dp / (1.0 - p_drop), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+    lo = _first_masked_key(start_m, WINDOW, BLOCK_N)
+    for start_n in range(0, lo, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse, delta, K, V, A, seed, bh, sk_t, sv_t, offs_m, offs_d, start_n, T, D, scale,
+                       p_drop, WINDOW, DROPOUT, False, BLOCK_N)
+    for start_n in range(lo, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
+        dq = _dq_block(dq, q, do, lse, delta, K, V, A, seed, bh, sk_t, sv_t, offs_m, offs_d, start_n, T, D, scale,
+                       p_drop, WINDOW, DROPOUT, True, BLOCK_N)
     dq_ptrs, _ = _tile(DQ + bh * T * D, offs_m, offs_d, D, T, D)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
