@@ -1,23 +1,28 @@
 """One training step of the model, plain PyTorch loop vs the DeepSpeed ZeRO engine (stages 1, 2, 3), side by side.
 
 Same model, same random tokens, one process; the ratio is tokens/s over the plain loop's. On a GPU it also
-reports model TFLOP/s (6N + 12 L d T per token), MFU against --peak-tflops, and peak memory.
+reports model TFLOP/s (6N + 12 L d T per token), MFU against --peak-tflops, and peak memory. The engine rows
+run the project's own configs/zero*.json (what `launcher/train.py` runs), or variants given with --ds, e.g.
 
-    python bench/bench_step.py                                   # CPU-sized defaults
+    python bench/bench_step.py                                   # CPU-sized defaults, configs/zero{1,2,3}.json
     python bench/bench_step.py --spec --compile --peak-tflops 989  # the SPEC model on an H100/H200 (bf16 dense peak)
+    python bench/bench_step.py --ds configs/zero2.json --ds configs/zero2.json:zero_optimization.overlap_comm=false
+    python bench/bench_step.py --profile out/                    # + a torch.profiler table and trace per row
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
 import torch
 
+from pascal_dist.config import load_ds_config
 from pascal_dist.dist_env import DistEnv
 from pascal_dist.engine import build_engine, init_distributed
 from pascal_dist.model import PascalGPT
-from pascal_dist.schema import AttentionConfig, ModelConfig, TrainConfig
+from pascal_dist.schema import AttentionConfig, ModelConfig, RunConfig, TrainConfig
 
 
 def parse() -> argparse.Namespace:
@@ -31,7 +36,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--backend", default="sdpa")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--stages", default="1,2,3")
+    p.add_argument("--ds", action="append", default=None, metavar="PATH[:key=value...]",
+                   help="a DeepSpeed config to time (repeatable), with optional dotted overrides, values in JSON "
+                        "(default: configs/zero1.json, zero2.json, zero3.json)")
+    p.add_argument("--profile", default=None, metavar="DIR", help="also profile 3 steps of each row into DIR")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the card's bf16 dense peak, for MFU")
     a = p.parse_args()
@@ -50,7 +58,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(step, a: argparse.Namespace) -> float:
+def timed(step, a: argparse.Namespace, name: str) -> float:
     for _ in range(a.warmup):
         step()
     sync()
@@ -58,7 +66,43 @@ def timed(step, a: argparse.Namespace) -> float:
     for _ in range(a.steps):
         step()
     sync()
-    return (time.perf_counter() - start) / a.steps
+    seconds = (time.perf_counter() - start) / a.steps
+    if a.profile:
+        profile(step, a.profile, name)
+    return seconds
+
+
+def profile(step, out_dir: str, name: str) -> None:
+    """Where the step's time goes: the top ops by self time (device time on a GPU), and a Chrome trace."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync()
+    os.makedirs(out_dir, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    with open(os.path.join(out_dir, f"{slug}.txt"), "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
+    prof.export_chrome_trace(os.path.join(out_dir, f"{slug}.trace.json"))
+
+
+def ds_variant(spec: str, a: argparse.Namespace) -> dict:
+    """'configs/zero2.json:zero_optimization.overlap_comm=false' -> the resolved DeepSpeed config dict."""
+    path, *overrides = spec.split(":")
+    cfg = RunConfig(train=TrainConfig(micro_batch_size=a.batch, grad_accum=1, grad_clip=1.0))
+    ds = load_ds_config(path, cfg, world_size=1)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = ds
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = json.loads(value)
+    return ds
 
 
 def plain(a: argparse.Namespace, device: torch.device, x: torch.Tensor) -> float:
@@ -75,16 +119,13 @@ def plain(a: argparse.Namespace, device: torch.device, x: torch.Tensor) -> float
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return timed(step, a)
+    return timed(step, a, "plain")
 
 
-def zero(a: argparse.Namespace, stage: int, x: torch.Tensor) -> float:
+def zero(a: argparse.Namespace, spec: str, x: torch.Tensor) -> float:
     torch.manual_seed(0)
     model = PascalGPT(model_cfg(a))
-    ds = {"train_micro_batch_size_per_gpu": a.batch, "gradient_accumulation_steps": 1, "train_batch_size": a.batch,
-          "gradient_clipping": 1.0, "bf16": {"enabled": True}, "steps_per_print": 10**9,
-          "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}}
-    engine, _, _ = build_engine(model, TrainConfig(), ds)
+    engine, _, _ = build_engine(model, TrainConfig(), ds_variant(spec, a))
     if a.compile:
         engine.compile()
 
@@ -93,7 +134,7 @@ def zero(a: argparse.Namespace, stage: int, x: torch.Tensor) -> float:
         engine.backward(loss)
         engine.step()
 
-    result = timed(step, a)
+    result = timed(step, a, spec)
     engine.destroy()
     return result
 
@@ -107,10 +148,10 @@ def main() -> None:
     flops_per_token = PascalGPT(model_cfg(a)).flops_per_token()
     rows = [("plain PyTorch" + (" (compiled)" if a.compile else ""), plain(a, device, x),
              torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"))]
-    for stage in map(int, a.stages.split(",")):
+    for spec in a.ds or [f"configs/zero{stage}.json" for stage in (1, 2, 3)]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        rows.append((f"DeepSpeed ZeRO-{stage}", zero(a, stage, x),
+        rows.append((f"DeepSpeed {spec}", zero(a, spec, x),
                      torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")))
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{card}, torch {torch.__version__}, L={a.n_layer} d={a.n_embd} T={a.block_size} B={a.batch}, "

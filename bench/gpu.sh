@@ -28,8 +28,14 @@ backends=none,sdpa,reference,banded,banded:torch,fused
 spec=(--n-layer 12 --n-embd 768 --n-head 12 --compile --backends "$backends")
 python3 bench/bench_backends.py "${spec[@]}" --block-size 256 --batch 64 > "$OUT/backends-T256.md" 2>"$OUT/backends-T256.log"
 python3 bench/bench_backends.py "${spec[@]}" --block-size 1024 --batch 16 > "$OUT/backends-T1024.md" 2>"$OUT/backends-T1024.log"
+# the engine's configs as shipped, then ZeRO-2 with one option changed at a time (where do the ms go?)
+z2=configs/zero2.json
 for backend in none fused; do
   RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 python3 bench/bench_step.py --spec \
-    --compile --backend $backend --peak-tflops "$PEAK_TFLOPS" > "$OUT/step-$backend.md" 2>"$OUT/step-$backend.log"
+    --compile --backend $backend --peak-tflops "$PEAK_TFLOPS" --profile "$OUT/profile-$backend" \
+    --ds configs/zero1.json --ds $z2 --ds configs/zero3.json \
+    --ds $z2:zero_optimization.overlap_comm=false --ds $z2:zero_optimization.contiguous_gradients=false \
+    --ds $z2:zero_optimization.reduce_bucket_size=5e8 \
+    > "$OUT/step-$backend.md" 2>"$OUT/step-$backend.log"
 done
 cat "$OUT/backends-T256.md" "$OUT/backends-T1024.md" "$OUT/step-none.md" "$OUT/step-fused.md"

@@ -1,0 +1,37 @@
+"""The benchmark scripts still run and print their tables (tiny sizes; the numbers themselves are not checked)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def run(script, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+
+
+TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "16", "--batch", "2"]
+
+
+def test_bench_backends_table():
+    rows = run("bench_backends.py", *TINY, "--vocab", "64", "--steps", "1", "--rounds", "1", "--warmup", "1",
+               "--backends", "none,sdpa,banded,banded:torch")
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["none", "sdpa", "banded", "banded:torch"]
+
+
+def test_bench_step_runs_the_shipped_configs_and_variants(tmp_path):
+    rows = run("bench_step.py", *TINY, "--steps", "1", "--warmup", "1", "--ds", "configs/zero2.json",
+               "--ds", "configs/zero2.json:zero_optimization.overlap_comm=false", "--profile", str(tmp_path))
+    names = [r.split("|")[1].strip() for r in rows[1:]]
+    assert names == ["plain PyTorch", "DeepSpeed configs/zero2.json",
+                     "DeepSpeed configs/zero2.json:zero_optimization.overlap_comm=false"]
+    assert len(list(tmp_path.glob("*.txt"))) == 3 and len(list(tmp_path.glob("*.trace.json"))) == 3
