@@ -17,7 +17,8 @@ and with KERNELS = "torch", it is the PyTorch ops below. Both are tested against
 Dropout: the flash kernel draws its dropout mask internally, so no exact band correction can be applied to
 a dropped-out softmax from outside. Rather than silently train a different model (no attention dropout), a
 training call with dropout_p > 0 falls back to the `sdpa` math (dense float mask, T x T memory; exact, with
-dropout) and warns once. Set `model.attn_dropout: 0` to get the fast path in training.
+dropout) and warns once. Set `model.attn_dropout: 0` to get the fast path in training, or use the `fused`
+backend (pascal_dist.fused_attention), whose kernel draws the dropout mask itself.
 The same exact fallback (no warning) serves CUDA inputs the flash kernel refuses (float32, head dim not a
 multiple of 8 or > 256). Generation goes through the shared float32 KV-cache path (`attend_cached`).
 """
@@ -201,7 +202,8 @@ class BandedBackend:
         if dropout_p > 0.0:
             if not torch.compiler.is_compiling():
                 warnings.warn("attention backend 'banded' with attn_dropout > 0 runs the dense sdpa-mask path "
-                              "(exact, T x T memory): set model.attn_dropout=0 for the flash path", stacklevel=2)
+                              "(exact, T x T memory): on a GPU, backend 'fused' keeps dropout on the flash path; "
+                              "or set model.attn_dropout=0", stacklevel=2)
             return _dense_fallback(q, k, v, prepared, dropout_p)
         if not _flash_supports(q):
             return _dense_fallback(q, k, v, prepared, 0.0)
