@@ -24,6 +24,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/card.txt"
 python3 -m pytest -q -m gpu tests/test_model.py tests/test_attention.py tests/test_band_kernels.py \
   tests/test_fused_attention.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -3
+python3 bench/check_numerics.py --backends sdpa,reference,banded,fused > "$OUT/numerics.md" 2>"$OUT/numerics.log"
 backends=none,sdpa,reference,banded,banded:torch,fused
 spec=(--n-layer 12 --n-embd 768 --n-head 12 --compile --backends "$backends")
 python3 bench/bench_backends.py "${spec[@]}" --block-size 256 --batch 64 > "$OUT/backends-T256.md" 2>"$OUT/backends-T256.log"
@@ -38,4 +39,4 @@ for backend in none fused; do
     --ds $z2:zero_optimization.reduce_bucket_size=5e8 \
     > "$OUT/step-$backend.md" 2>"$OUT/step-$backend.log"
 done
-cat "$OUT/backends-T256.md" "$OUT/backends-T1024.md" "$OUT/step-none.md" "$OUT/step-fused.md"
+cat "$OUT/numerics.md" "$OUT/backends-T256.md" "$OUT/backends-T1024.md" "$OUT/step-none.md" "$OUT/step-fused.md"

@@ -35,3 +35,11 @@ def test_bench_step_runs_the_shipped_configs_and_variants(tmp_path):
     assert names == ["plain PyTorch", "DeepSpeed configs/zero2.json",
                      "DeepSpeed configs/zero2.json:zero_optimization.overlap_comm=false"]
     assert len(list(tmp_path.glob("*.txt"))) == 3 and len(list(tmp_path.glob("*.trace.json"))) == 3
+
+
+def test_check_numerics_passes_on_cpu():
+    import importlib.util
+
+    backends = ["sdpa", "reference", "banded"] + (["fused"] if importlib.util.find_spec("triton") else [])
+    rows = run("check_numerics.py", "--shapes", "17x16,40x8", "--backends", ",".join(backends))
+    assert len(rows) == 1 + 2 * len(backends) and all(r.rstrip(" |").endswith("PASS") for r in rows[1:])
