@@ -136,6 +136,14 @@ def fused_unavailable_reason() -> str | None:
     return None
 
 
+def runnable_backend(name: str) -> str:
+    """`name`, or the exact equivalent that runs on this machine: a model trained with `fused` on GPUs is
+    evaluated, exported or sampled with `banded` (same function) where there is no GPU."""
+    if name == "fused" and fused_unavailable_reason() is not None:
+        return "banded"
+    return name
+
+
 def get_backend(name: str) -> AttentionBackend:
     if name in _ON_FIRST_USE and name not in BACKENDS:
         reason = fused_unavailable_reason()

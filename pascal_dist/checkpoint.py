@@ -47,6 +47,17 @@ class Identity:
     tokenizer_sha256: Optional[str]
 
 
+def _architecture(model: dict) -> dict:
+    """The model config without the attention kernel's name: every biased backend computes the same function, so
+    a run may resume on another one (`fused` on the GPU cluster, `banded` elsewhere); only `none` drops the bias."""
+    out = dict(model)
+    if isinstance(out.get("attention"), dict):
+        attention = dict(out["attention"])
+        attention["biased"] = attention.pop("backend", None) != "none"
+        out["attention"] = attention
+    return out
+
+
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
@@ -203,11 +214,10 @@ class Checkpointer:
                 return f"{tag_dir}: file {name} is missing"
             if os.path.getsize(path) != size:
                 return f"{tag_dir}: file {name} is truncated or changed ({os.path.getsize(path)} bytes, expected {size})"
-        if meta["model"] != self.identity.model:
-            diff = sorted(k for k in set(meta["model"]) | set(self.identity.model)
-                          if meta["model"].get(k) != self.identity.model.get(k))
-            shown = ", ".join(f"model.{k}: {meta['model'].get(k)} in checkpoint vs {self.identity.model.get(k)}"
-                              for k in diff[:3])
+        saved, ours = _architecture(meta["model"]), _architecture(self.identity.model)
+        if saved != ours:
+            diff = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+            shown = ", ".join(f"model.{k}: {saved.get(k)} in checkpoint vs {ours.get(k)}" for k in diff[:3])
             return f"{tag_dir}: saved from another model config ({shown})"
         if meta["tokenizer_sha256"] != self.identity.tokenizer_sha256:
             return (f"{tag_dir}: trained with another tokenizer (sha256 {str(meta['tokenizer_sha256'])[:12]}... vs "

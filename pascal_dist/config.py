@@ -94,11 +94,6 @@ def validate(cfg: RunConfig) -> None:
     need(0.0 <= m.attn_dropout < 1.0, f"model.attn_dropout must be in [0, 1), got {m.attn_dropout}")
     need(m.attention.backend in ATTENTION_BACKENDS,
          f"model.attention.backend must be one of {', '.join(ATTENTION_BACKENDS)}, got '{m.attention.backend}'")
-    if m.attention.backend == "fused":
-        from pascal_dist.attention import fused_unavailable_reason
-
-        reason = fused_unavailable_reason()
-        need(reason is None, f"model.attention.backend 'fused' {reason}")
     need(m.bias.pascal_n >= 1, f"model.bias.pascal_n must be >= 1, got {m.bias.pascal_n}")
     need(1 <= m.bias.window <= m.bias.pascal_n + 1,
          f"model.bias.window must be in [1, pascal_n + 1 = {m.bias.pascal_n + 1}], got {m.bias.window}")

@@ -13,6 +13,7 @@ import tempfile
 
 import torch
 
+from pascal_dist.attention import runnable_backend
 from pascal_dist.config import load_config
 from pascal_dist.model import PascalGPT
 from pascal_dist.schema import RunConfig
@@ -70,6 +71,7 @@ def export_checkpoint(ckpt: str, out_dir: str) -> str:
         raise ExportError(f"tokenizer '{tokenizer}' of the run's data.dir is missing; it is needed to export")
 
     state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    cfg.model.attention.backend = runnable_backend(cfg.model.attention.backend)  # the saved config keeps its own
     model = PascalGPT(cfg.model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte.weight
@@ -100,6 +102,7 @@ def load_exported(path: str, device: str | torch.device = "cpu") -> tuple[Pascal
         if not os.path.isfile(os.path.join(path, name)):
             raise ExportError(f"'{path}' is not an exported model: missing {name} (make one with launcher/export.py)")
     cfg = load_config(os.path.join(path, CONFIG))
+    cfg.model.attention.backend = runnable_backend(cfg.model.attention.backend)
     model = PascalGPT(cfg.model)
     load_model(model, os.path.join(path, WEIGHTS), device=str(device))
     model.to(device).eval()

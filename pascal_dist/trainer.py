@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pascal_dist.attention import fused_unavailable_reason, runnable_backend
 from pascal_dist.bias import alpha as bias_alpha
 from pascal_dist.checkpoint import Checkpointer, CheckpointError, Identity, list_tags
 from pascal_dist.config import ConfigError, load_ds_config, to_yaml
@@ -55,6 +56,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig, ds_config_path: str, env: DistEnv, resume: str = "never"):
         self.cfg, self.env = cfg, env
         t = cfg.train
+        if runnable_backend(cfg.model.attention.backend) != cfg.model.attention.backend:
+            raise ConfigError(f"model.attention.backend '{cfg.model.attention.backend}' "
+                              f"{fused_unavailable_reason()}; 'banded' computes the same function anywhere")
         self.run_dir = t.run_dir
         ds_config = load_ds_config(ds_config_path, cfg, env.world_size)
         _check_writable(self.run_dir)

@@ -47,6 +47,20 @@ def test_checkpoint_from_another_model_config(four_steps, tiny_data, tmp_path):
     assert "saved from another model config (model.n_layer: 2 in checkpoint vs 3)" in error_line(proc)
 
 
+def test_resume_on_another_biased_backend_but_not_without_the_bias(four_steps, tiny_data, tmp_path):
+    """The backend is a kernel choice (same function), except `none`, which is another model."""
+    for backend, code in (("banded", 0), ("none", 2)):
+        run_dir = tmp_path / backend
+        shutil.copytree(four_steps, run_dir)
+        proc = run(run_dir, tiny_data, ["train.max_steps=6", f"model.attention.backend={backend}"], resume="auto")
+        assert proc.returncode == code, proc.stdout[-3000:]
+        if code == 0:
+            assert "resumed from step00000004 at step 4" in proc.stdout
+        else:
+            assert "saved from another model config (model.attention: {'biased': True} in checkpoint vs " \
+                   "{'biased': False})" in error_line(proc)
+
+
 def test_checkpoint_from_another_tokenizer(four_steps, tiny_data, tmp_path):
     from pascal_dist.data.prepare import embedded_files, prepare
 

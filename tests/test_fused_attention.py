@@ -20,7 +20,6 @@ except ImportError:
 
 from pascal_dist.attention import get_backend  # noqa: E402
 from pascal_dist.bias import PascalBias  # noqa: E402
-from pascal_dist.config import ConfigError, load_config  # noqa: E402
 from pascal_dist.fused_attention import dropout_mask  # noqa: E402
 from pascal_dist.schema import BiasConfig  # noqa: E402
 from tests.test_banded_attention import (LABELS, STEP, THETA, WARMUP, batch, build, inputs,  # noqa: E402
@@ -159,12 +158,46 @@ def test_compiles_without_graph_breaks_and_matches_eager():
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_config_names_what_is_missing(monkeypatch):
+def test_without_a_gpu_training_refuses_and_everything_else_runs_banded(monkeypatch, tiny_data, tmp_path):
+    """Training must not silently swap kernels; evaluation, export and generation of a model trained with
+    `fused` elsewhere run the same function with `banded`."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_model
+
+    from pascal_dist.attention import runnable_backend
+    from pascal_dist.config import to_yaml
+    from pascal_dist.export import load_exported
+    from pascal_dist.model import PascalGPT
+    from pascal_dist.schema import ModelConfig, RunConfig
+    from tests.helpers import REPO
+
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: nothing is missing")
     monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(ConfigError, match="model.attention.backend 'fused' needs a CUDA GPU"):
-        load_config(None, ["model.attention.backend=fused"])
+    assert (runnable_backend("fused"), runnable_backend("sdpa")) == ("banded", "sdpa")
+    proc = subprocess.run([sys.executable, "launcher/train.py", "model.attention.backend=fused",
+                           f"train.run_dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: model.attention.backend 'fused' needs a CUDA GPU (or TRITON_INTERPRET=1: Triton's CPU interpreter, "
+        "for tests only, very slow); 'banded' computes the same function anywhere")
+
+    cfg = RunConfig(model=ModelConfig(vocab_size=512, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    cfg.data.dir = tiny_data
+    torch.manual_seed(1)
+    sdpa = PascalGPT(cfg.model).eval()
+    cfg.model.attention.backend = "fused"
+    out = tmp_path / "export"
+    out.mkdir()
+    save_model(sdpa, str(out / "model.safetensors"))
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    (out / "tokenizer.json").write_bytes(open(os.path.join(tiny_data, "tokenizer.json"), "rb").read())
+    model, loaded_cfg, _ = load_exported(str(out))
+    assert model.backend.name == "banded" and loaded_cfg.model.attention.backend == "banded"
+    idx = torch.randint(0, 512, (2, 20))
+    torch.testing.assert_close(model(idx)[0], sdpa(idx)[0], rtol=1e-5, atol=1e-5)
 
 
 # --- on a GPU: the compiled kernels, bf16, long sequences, head dims 64 and 128 ---------------------------
