@@ -36,7 +36,7 @@ def _band_fwd_kernel(Q, K, V, O, L, C, OUT, LOUT,
                      H, T, D, scale,
                      WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)  # int64 offsets: B*H*T*d may pass 2**31
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     in_t, in_d = rows < T, cols < D
@@ -71,7 +71,7 @@ def _band_bwd_kernel(Q, K, V, OUT, L, DO, DQ, DK, DV, DQ_OUT, DK_OUT, DV_OUT, C,
                      WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows r of one (b, h): dq_r from the pairs (r, r - m); dk_r, dv_r from the pairs (r + m, r)."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     in_t, in_d = rows < T, cols < D

@@ -105,9 +105,9 @@ def _fwd_kernel(Q, K, V, A, SEED, O, L, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b
                                    scale, p_drop, WINDOW, DROPOUT, True, BLOCK_N)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
-    o_ptrs, o_mask = _tile(O + bh * T * D, offs_m, offs_d, D, T, D)
+    o_ptrs, o_mask = _tile(O + bh.to(tl.int64) * T * D, offs_m, offs_d, D, T, D)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_mask)
-    tl.store(L + bh * T + offs_m, m_i + tl.log(l_i), mask=offs_m < T)
+    tl.store(L + bh.to(tl.int64) * T + offs_m, m_i + tl.log(l_i), mask=offs_m < T)
 
 
 @triton.jit
@@ -150,7 +150,8 @@ def _bwd_dkdv_kernel(Q, K, V, A, SEED, DO, L, DELTA, DK, DV, DA, sq_b, sq_h, sq_
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     v_ptrs, _ = _tile(_head(V, bh, H, sv_b, sv_h), offs_n, offs_d, sv_t, T, D)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    Q, DO, L, DELTA = _head(Q, bh, H, sq_b, sq_h), DO + bh * T * D, L + bh * T, DELTA + bh * T
+    row0 = bh.to(tl.int64) * T  # int64: B*H*T*d passes 2**31 at long sequences
+    Q, DO, L, DELTA = _head(Q, bh, H, sq_b, sq_h), DO + row0 * D, L + row0, DELTA + row0
     seed = tl.load(SEED)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -164,9 +165,9 @@ def _bwd_dkdv_kernel(Q, K, V, A, SEED, DO, L, DELTA, DK, DV, DA, sq_b, sq_h, sq_
     for start_m in range(mid, T, BLOCK_M):
         dk, dv, da = _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, offs_n, offs_d, start_m,
                                  T, D, scale, p_drop, WINDOW, DROPOUT, False, BLOCK_M)
-    dk_ptrs, _ = _tile(DK + bh * T * D, offs_n, offs_d, D, T, D)
+    dk_ptrs, _ = _tile(DK + bh.to(tl.int64) * T * D, offs_n, offs_d, D, T, D)
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    dv_ptrs, _ = _tile(DV + bh * T * D, offs_n, offs_d, D, T, D)
+    dv_ptrs, _ = _tile(DV + bh.to(tl.int64) * T * D, offs_n, offs_d, D, T, D)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
     tl.store(DA + (bh * tl.num_programs(0) + pid_n) * WINDOW + diag, da, mask=diag < WINDOW)
 
@@ -197,10 +198,10 @@ def _bwd_dq_kernel(Q, K, V, A, SEED, DO, L, DELTA, DQ, sq_b, sq_h, sq_t, sk_b, s
     offs_d = tl.arange(0, BLOCK_D)
     q_ptrs, q_mask = _tile(_head(Q, bh, H, sq_b, sq_h), offs_m, offs_d, sq_t, T, D)
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    do_ptrs, _ = _tile(DO + bh * T * D, offs_m, offs_d, D, T, D)
+    do_ptrs, _ = _tile(DO + bh.to(tl.int64) * T * D, offs_m, offs_d, D, T, D)
     do = tl.load(do_ptrs, mask=q_mask, other=0.0)
-    lse = tl.load(L + bh * T + offs_m, mask=offs_m < T, other=0.0)
-    delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
+    lse = tl.load(L + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     K, V = _head(K, bh, H, sk_b, sk_h), _head(V, bh, H, sv_b, sv_h)
     seed = tl.load(SEED)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -211,7 +212,7 @@ def _bwd_dq_kernel(Q, K, V, A, SEED, DO, L, DELTA, DQ, sq_b, sq_h, sq_t, sk_b, s
     for start_n in range(lo, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
         dq = _dq_block(dq, q, do, lse, delta, K, V, A, seed, bh, sk_t, sv_t, offs_m, offs_d, start_n, T, D, scale,
                        p_drop, WINDOW, DROPOUT, True, BLOCK_N)
-    dq_ptrs, _ = _tile(DQ + bh * T * D, offs_m, offs_d, D, T, D)
+    dq_ptrs, _ = _tile(DQ + bh.to(tl.int64) * T * D, offs_m, offs_d, D, T, D)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
