@@ -36,10 +36,18 @@ def _tile(base, rows, cols, s_t, n_rows, n_cols):
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, A, scale, T, WINDOW: tl.constexpr, MASKED: tl.constexpr):
+def _dot(a, b, IEEE: tl.constexpr):
+    """tl.dot, in true float32 for float32 inputs (Triton's default there is TF32, ~1e-3 relative)."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, A, scale, T, WINDOW: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
     """q k^T * scale (float32). Only tiles that reach the band or the diagonal (MASKED) pay for the band and the
     masks: -inf above the diagonal and past T. The others are plain matmuls, as in any flash kernel."""
-    s = tl.dot(q, tl.trans(k)) * scale
+    s = _dot(q, tl.trans(k), IEEE) * scale
     if MASKED:
         dist = offs_m[:, None] - offs_n[None, :]
         for m in tl.static_range(WINDOW):
@@ -49,10 +57,15 @@ def _scores(q, k, offs_m, offs_n, A, scale, T, WINDOW: tl.constexpr, MASKED: tl.
 
 
 @triton.jit
-def _keep(seed, bh, offs_m, offs_n, T, p_drop):
-    """The dropout mask of (bh, i, j): the same bits in forward and both backward kernels."""
-    offsets = (bh.to(tl.int64) * T + offs_m[:, None].to(tl.int64)) * T + offs_n[None, :].to(tl.int64)
-    return tl.rand(seed, offsets) >= p_drop
+def _keep(seed, bh, offs_m, start_n, T, p_drop, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep-mask of the tile (rows offs_m, keys start_n .. start_n + BLOCK_N) of head bh: the same bits in the
+    forward, both backward kernels and dropout_mask. One Philox call yields 4 numbers, so keys 4c .. 4c+3 of a
+    row share counter c: a quarter of the generator's work, which would otherwise rival the matmuls."""
+    cols = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    counters = (bh.to(tl.int64) * T + offs_m[:, None].to(tl.int64)) * tl.cdiv(T, 4) + cols[None, :].to(tl.int64)
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
+    return tl.random.uint_to_uniform_float(bits) >= p_drop
 
 
 @triton.jit
@@ -63,27 +76,29 @@ def _first_masked_key(start_m, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q, K, V, A, seed, bh, sk_t, sv_t, offs_m, offs_d, start_n, T, D, scale, p_drop,
-               WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+               WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k_ptrs, kv_mask = _tile(K, offs_n, offs_d, sk_t, T, D)
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     v_ptrs, _ = _tile(V, offs_n, offs_d, sv_t, T, D)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    s = _scores(q, k, offs_m, offs_n, A, scale, T, WINDOW, MASKED)
+    s = _scores(q, k, offs_m, offs_n, A, scale, T, WINDOW, MASKED, IEEE)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past T see no key: keep them nan-free
+    if MASKED:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past T see no key: keep them nan-free
     p = tl.exp(s - m_new[:, None])
     rescale = tl.exp(m_i - m_new)
     l_i = l_i * rescale + tl.sum(p, axis=1)  # the normaliser counts every key, dropped or not
     if DROPOUT:
-        p = tl.where(_keep(seed, bh, offs_m, offs_n, T, p_drop), p / (1.0 - p_drop), 0.0)
-    acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        p = tl.where(_keep(seed, bh, offs_m, start_n, T, p_drop, BLOCK_M, BLOCK_N), p / (1.0 - p_drop), 0.0)
+    acc = acc * rescale[:, None] + _dot(p.to(v.dtype), v, IEEE)
     return acc, l_i, m_new
 
 
 @triton.jit
 def _fwd_kernel(Q, K, V, A, SEED, O, L, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, H, T, D, scale, p_drop,
-                WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+                WINDOW: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     start_m = pid_m * BLOCK_M
@@ -99,10 +114,10 @@ def _fwd_kernel(Q, K, V, A, SEED, O, L, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b
     lo = _first_masked_key(start_m, WINDOW, BLOCK_N)
     for start_n in range(0, lo, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, A, seed, bh, sk_t, sv_t, offs_m, offs_d, start_n, T, D,
-                                   scale, p_drop, WINDOW, DROPOUT, False, BLOCK_N)
+                                   scale, p_drop, WINDOW, DROPOUT, False, IEEE, BLOCK_M, BLOCK_N)
     for start_n in range(lo, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):  # causal: keys j <= last query
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, A, seed, bh, sk_t, sv_t, offs_m, offs_d, start_n, T, D,
-                                   scale, p_drop, WINDOW, DROPOUT, True, BLOCK_N)
+                                   scale, p_drop, WINDOW, DROPOUT, True, IEEE, BLOCK_M, BLOCK_N)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     o_ptrs, o_mask = _tile(O + bh.to(tl.int64) * T * D, offs_m, offs_d, D, T, D)
@@ -111,8 +126,9 @@ def _fwd_kernel(Q, K, V, A, SEED, O, L, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b
 
 
 @triton.jit
-def _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, offs_n, offs_d, start_m, T, D, scale,
-                p_drop, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, offs_n, start_n, offs_d, start_m, T, D,
+                scale, p_drop, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q_ptrs, q_mask = _tile(Q, offs_m, offs_d, sq_t, T, D)
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
@@ -120,16 +136,16 @@ def _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, offs
     do = tl.load(do_ptrs, mask=q_mask, other=0.0)  # rows past T: dO = 0, so they add nothing below
     lse = tl.load(L + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=offs_m < T, other=0.0)
-    p = tl.exp(_scores(q, k, offs_m, offs_n, A, scale, T, WINDOW, MASKED) - lse[:, None])
-    dp = tl.dot(do, tl.trans(v))
+    p = tl.exp(_scores(q, k, offs_m, offs_n, A, scale, T, WINDOW, MASKED, IEEE) - lse[:, None])
+    dp = _dot(do, tl.trans(v), IEEE)
     if DROPOUT:
-        keep = _keep(seed, bh, offs_m, offs_n, T, p_drop)
-        dv += tl.dot(tl.trans(tl.where(keep, p / (1.0 - p_drop), 0.0).to(do.dtype)), do)
+        keep = _keep(seed, bh, offs_m, start_n, T, p_drop, BLOCK_M, BLOCK_N)
+        dv += _dot(tl.trans(tl.where(keep, p / (1.0 - p_drop), 0.0).to(do.dtype)), do, IEEE)
         dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
     else:
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
     ds = p * (dp - delta[:, None])  # dLoss/d(score), bias included: a_m's gradient is its diagonal's sum
-    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     if MASKED:
         dist = offs_m[:, None] - offs_n[None, :]
         for m in tl.static_range(WINDOW):
@@ -138,8 +154,9 @@ def _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, offs
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, A, SEED, DO, L, DELTA, DK, DV, DA, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, H,
-                     T, D, scale, p_drop, WINDOW: tl.constexpr, WINDOW_P2: tl.constexpr, DROPOUT: tl.constexpr,
+def _bwd_dkdv_kernel(Q, K, V, A, SEED, DO, L, DELTA, DK, DV, DA, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+                     H, T, D, scale, p_drop, WINDOW: tl.constexpr, WINDOW_P2: tl.constexpr, DROPOUT: tl.constexpr,
+                     IEEE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Key block n of one (b, h): dk, dv over every query i >= j, and this block's share of d a."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
@@ -160,11 +177,11 @@ def _bwd_dkdv_kernel(Q, K, V, A, SEED, DO, L, DELTA, DK, DV, DA, sq_b, sq_h, sq_
     first = start_n // BLOCK_M * BLOCK_M  # causal: queries i >= the first key
     mid = tl.minimum(tl.cdiv(start_n + BLOCK_N + WINDOW - 1, BLOCK_M) * BLOCK_M, T)  # from here: no band, no mask
     for start_m in range(first, mid, BLOCK_M):
-        dk, dv, da = _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, offs_n, offs_d, start_m,
-                                 T, D, scale, p_drop, WINDOW, DROPOUT, True, BLOCK_M)
+        dk, dv, da = _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, offs_n, start_n, offs_d,
+                                 start_m, T, D, scale, p_drop, WINDOW, DROPOUT, True, IEEE, BLOCK_M, BLOCK_N)
     for start_m in range(mid, T, BLOCK_M):
-        dk, dv, da = _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, offs_n, offs_d, start_m,
-                                 T, D, scale, p_drop, WINDOW, DROPOUT, False, BLOCK_M)
+        dk, dv, da = _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, offs_n, start_n, offs_d,
+                                 start_m, T, D, scale, p_drop, WINDOW, DROPOUT, False, IEEE, BLOCK_M, BLOCK_N)
     dk_ptrs, _ = _tile(DK + bh.to(tl.int64) * T * D, offs_n, offs_d, D, T, D)
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     dv_ptrs, _ = _tile(DV + bh.to(tl.int64) * T * D, offs_n, offs_d, D, T, D)
@@ -174,23 +191,24 @@ def _bwd_dkdv_kernel(Q, K, V, A, SEED, DO, L, DELTA, DK, DV, DA, sq_b, sq_h, sq_
 
 @triton.jit
 def _dq_block(dq, q, do, lse, delta, K, V, A, seed, bh, sk_t, sv_t, offs_m, offs_d, start_n, T, D, scale, p_drop,
-              WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+              WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k_ptrs, kv_mask = _tile(K, offs_n, offs_d, sk_t, T, D)
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     v_ptrs, _ = _tile(V, offs_n, offs_d, sv_t, T, D)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    p = tl.exp(_scores(q, k, offs_m, offs_n, A, scale, T, WINDOW, MASKED) - lse[:, None])
-    dp = tl.dot(do, tl.trans(v))
+    p = tl.exp(_scores(q, k, offs_m, offs_n, A, scale, T, WINDOW, MASKED, IEEE) - lse[:, None])
+    dp = _dot(do, tl.trans(v), IEEE)
     if DROPOUT:
-        dp = tl.where(_keep(seed, bh, offs_m, offs_n, T, p_drop), dp / (1.0 - p_drop), 0.0)
+        dp = tl.where(_keep(seed, bh, offs_m, start_n, T, p_drop, BLOCK_M, BLOCK_N), dp / (1.0 - p_drop), 0.0)
     ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k)
+    return dq + _dot(ds.to(k.dtype), k, IEEE)
 
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, A, SEED, DO, L, DELTA, DQ, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, H,
-                   T, D, scale, p_drop, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+                   T, D, scale, p_drop, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     start_m = pid_m * BLOCK_M
@@ -208,10 +226,10 @@ def _bwd_dq_kernel(Q, K, V, A, SEED, DO, L, DELTA, DQ, sq_b, sq_h, sq_t, sk_b, s
     lo = _first_masked_key(start_m, WINDOW, BLOCK_N)
     for start_n in range(0, lo, BLOCK_N):
         dq = _dq_block(dq, q, do, lse, delta, K, V, A, seed, bh, sk_t, sv_t, offs_m, offs_d, start_n, T, D, scale,
-                       p_drop, WINDOW, DROPOUT, False, BLOCK_N)
+                       p_drop, WINDOW, DROPOUT, False, IEEE, BLOCK_M, BLOCK_N)
     for start_n in range(lo, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
         dq = _dq_block(dq, q, do, lse, delta, K, V, A, seed, bh, sk_t, sv_t, offs_m, offs_d, start_n, T, D, scale,
-                       p_drop, WINDOW, DROPOUT, True, BLOCK_N)
+                       p_drop, WINDOW, DROPOUT, True, IEEE, BLOCK_M, BLOCK_N)
     dq_ptrs, _ = _tile(DQ + bh.to(tl.int64) * T * D, offs_m, offs_d, D, T, D)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -221,7 +239,7 @@ def _mask_kernel(SEED, KEEP, T, p_drop, BLOCK: tl.constexpr):
     pid_m, pid_n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
     offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
-    keep = _keep(tl.load(SEED), bh, offs_m, offs_n, T, p_drop)
+    keep = _keep(tl.load(SEED), bh, offs_m, pid_n * BLOCK, T, p_drop, BLOCK, BLOCK)
     ptrs, mask = _tile(KEEP + bh.to(tl.int64) * T * T, offs_m, offs_n, T, T, T)
     tl.store(ptrs, keep.to(tl.int8), mask=mask)
 
@@ -234,10 +252,19 @@ def dropout_mask(seed: Tensor, B: int, H: int, T: int, dropout_p: float) -> Tens
     return keep.bool()
 
 
-def _blocks(head_dim: int) -> dict:
-    """Tile sizes: a starting point (Triton's tutorial sizes for A100/H100), judged by bench/bench_backends.py."""
-    return dict(BLOCK_M=64, BLOCK_N=64 if head_dim <= 64 else 32, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                num_warps=4 if head_dim <= 64 else 8)
+def _blocks(head_dim: int, kernel: str, dtype: torch.dtype) -> dict:
+    """Tile sizes per kernel ("fwd", "dq", "dkdv"), chosen from sm_90 compiles (Triton 3.9): for bf16/fp16 no
+    register spills with dropout on or off, and every matmul on Hopper's wgmma. Not yet from timings:
+    bench/bench_backends.py on a GPU is the judge. float32 (exact matmuls without tensor cores; tests and
+    debugging, not training) takes small tiles so that it fits in shared memory on any card."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4)
+    small = head_dim <= 64
+    block_m, block_n, warps = {"fwd": (64, 64, 4) if small else (128, 64, 8),
+                               "dq": (64, 64, 8) if small else (128, 32, 8),
+                               "dkdv": (32, 64, 8)}[kernel]
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
 
 
 def _strides(x: Tensor) -> tuple[int, ...]:
@@ -249,20 +276,26 @@ def _inner_contiguous(x: Tensor) -> Tensor:
 
 
 # Custom ops: torch.compile sees one opaque call each way (shapes from the fake implementations).
-@torch.library.custom_op("pascal_dist::fused_band_attention", mutates_args=())
+# The forward draws its dropout seed inside: tagged nondeterministic_seeded, so that the compiler's partitioner
+# saves the seed instead of re-running the op in backward (activation checkpointing), which would draw another.
+@torch.library.custom_op("pascal_dist::fused_band_attention", mutates_args=(),
+                         tags=(torch.Tag.nondeterministic_seeded,))
 def fused_forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
     """(out (B, H, T, d) in q's dtype, logsumexp (B, H, T) float32, dropout seed (1,) int64)."""
     q, k, v = (_inner_contiguous(x) for x in (q, k, v))
     B, H, T, D = q.shape
-    # drawn from the device's torch generator: checkpointed with the run, no host sync
-    seed = torch.randint(0, 2 ** 62, (1,), device=q.device, dtype=torch.int64)
+    # drawn from the device's torch generator (checkpointed with the run, no host sync), only when it is used
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2 ** 62, (1,), device=q.device, dtype=torch.int64)
+    else:
+        seed = torch.zeros(1, device=q.device, dtype=torch.int64)
     out = torch.empty((B, H, T, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-    opts = _blocks(D)
+    opts = _blocks(D, "fwd", q.dtype)
     grid = (triton.cdiv(T, opts["BLOCK_M"]), B * H)
     _fwd_kernel[grid](q, k, v, a.detach().float().contiguous(), seed, out, lse, *_strides(q), *_strides(k),
                       *_strides(v), H, T, D, 1.0 / math.sqrt(D), dropout_p,
-                      WINDOW=a.numel(), DROPOUT=dropout_p > 0.0, **opts)
+                      WINDOW=a.numel(), DROPOUT=dropout_p > 0.0, IEEE=q.dtype == torch.float32, **opts)
     return out, lse, seed
 
 
@@ -282,16 +315,17 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     B, H, T, D = q.shape
     delta = (do.float() * out.float()).sum(-1).contiguous()  # D_i = dO_i . O_i, (B, H, T)
     dq, dk, dv = (torch.empty((B, H, T, D), device=q.device, dtype=q.dtype) for _ in range(3))
-    opts = _blocks(D)
+    common = (*_strides(q), *_strides(k), *_strides(v), H, T, D, 1.0 / math.sqrt(D), dropout_p)
+    flags = dict(WINDOW=a.numel(), DROPOUT=dropout_p > 0.0, IEEE=q.dtype == torch.float32)
+    af = a.detach().float().contiguous()
+    opts = _blocks(D, "dkdv", q.dtype)
     n_blocks = triton.cdiv(T, opts["BLOCK_N"])
     partial = torch.empty(B * H * n_blocks, a.numel(), device=q.device, dtype=torch.float32)
-    common = (*_strides(q), *_strides(k), *_strides(v), H, T, D, 1.0 / math.sqrt(D), dropout_p)
-    af = a.detach().float().contiguous()
     _bwd_dkdv_kernel[(n_blocks, B * H)](q, k, v, af, seed, do, lse, delta, dk, dv, partial, *common,
-                                         WINDOW=a.numel(), WINDOW_P2=triton.next_power_of_2(a.numel()),
-                                         DROPOUT=dropout_p > 0.0, **opts)
+                                         WINDOW_P2=triton.next_power_of_2(a.numel()), **flags, **opts)
+    opts = _blocks(D, "dq", q.dtype)
     _bwd_dq_kernel[(triton.cdiv(T, opts["BLOCK_M"]), B * H)](q, k, v, af, seed, do, lse, delta, dq, *common,
-                                                             WINDOW=a.numel(), DROPOUT=dropout_p > 0.0, **opts)
+                                                             **flags, **opts)
     return dq, dk, dv, partial.sum(0)
 
 
