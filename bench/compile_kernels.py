@@ -16,13 +16,14 @@ import subprocess
 import sys
 import tempfile
 
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+os.environ.pop("TRITON_INTERPRET", None)  # compiling, not running: the kernels must be real JIT functions
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
 
-from pascal_dist import band_kernels as bk
-from pascal_dist import fused_attention as fa
+from pascal_dist import band_kernels as bk  # noqa: E402
+from pascal_dist import fused_attention as fa  # noqa: E402
 
 FLOAT32_POINTERS = {"A", "L", "LOUT", "DELTA", "DA", "C", "EA"}
 SIZES = {"H", "T", "D"}  # capitals that are not pointers
