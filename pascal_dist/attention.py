@@ -16,7 +16,11 @@ A new backend is a class with the `name / uses_band / prepare / attend` members 
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 import math
+import os
 from typing import Any, Protocol
 
 import torch
@@ -124,12 +128,22 @@ for _b in (ReferenceBackend(), SdpaBackend(), NoBiasBackend()):
 _ON_FIRST_USE = {"fused": "pascal_dist.fused_attention"}
 
 
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def band_vector(band: Tensor | None, device: torch.device) -> Tensor:
+    """`prepare` of the backends whose kernels take the band itself: (window,), at least float32 (the precision
+    the band terms are computed at); band=None (no bias yet) is one zero diagonal."""
+    if band is None:
+        band = torch.zeros(1, device=device)
+    return band.to(torch.promote_types(band.dtype, torch.float32))
+
+
 def fused_unavailable_reason() -> str | None:
     """Why the `fused` backend cannot run here, or None."""
-    import importlib.util
-    import os
-
-    if importlib.util.find_spec("triton") is None:
+    if not triton_installed():
         return "needs Triton (pip install triton; CUDA builds of torch include it)"
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         return "needs a CUDA GPU (or TRITON_INTERPRET=1: Triton's CPU interpreter, for tests only, very slow)"
@@ -149,8 +163,6 @@ def get_backend(name: str) -> AttentionBackend:
         reason = fused_unavailable_reason()
         if reason:
             raise ValueError(f"attention backend {name!r} {reason}")
-        import importlib
-
         importlib.import_module(_ON_FIRST_USE[name])
     if name not in BACKENDS:
         valid = sorted(set(BACKENDS) | set(_ON_FIRST_USE))

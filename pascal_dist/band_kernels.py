@@ -119,12 +119,14 @@ def _band_bwd_kernel(Q, K, V, OUT, L, DO, DQ, DK, DV, DQ_OUT, DK_OUT, DV_OUT, C,
     tl.store(_row_ptrs(DV_OUT, b, h, rows, cols, sgo_b, sgo_h, sgo_t), dv.to(DV_OUT.dtype.element_ty), mask=tile)
 
 
-def _inner_contiguous(x: Tensor) -> Tensor:
+def inner_contiguous(x: Tensor) -> Tensor:
+    """x itself when its last dimension is dense (all the kernels need), else a contiguous copy."""
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _s3(x: Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
+def bht_strides(*xs: Tensor) -> tuple[int, ...]:
+    """Batch, head and time strides of each (B, H, T, d) tensor, in order, flat (kernel arguments)."""
+    return tuple(stride for x in xs for stride in x.stride()[:3])
 
 
 def _launch(q: Tensor, backward: bool) -> tuple[tuple[int, int], dict]:
@@ -140,12 +142,12 @@ def _launch(q: Tensor, backward: bool) -> tuple[tuple[int, int], dict]:
 def band_forward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, a: Tensor,
                  scale: float) -> tuple[Tensor, Tensor]:
     """(O', L') from the unbiased flash (O, L): O' in q's dtype, L' in lse's dtype and layout."""
-    q, k, v, o = (_inner_contiguous(x) for x in (q, k, v, o))
+    q, k, v, o = (inner_contiguous(x) for x in (q, k, v, o))
     B, H, T, D = q.shape
     out, lse_out = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(lse)
     c = torch.expm1(a.detach().float()).contiguous()
     grid, opts = _launch(q, backward=False)
-    _band_fwd_kernel[grid](q, k, v, o, lse, c, out, lse_out, *_s3(q), *_s3(k), *_s3(v), *_s3(o), *_s3(out),
+    _band_fwd_kernel[grid](q, k, v, o, lse, c, out, lse_out, *bht_strides(q, k, v, o, out),
                            *lse.stride(), *lse_out.stride(), H, T, D, scale, WINDOW=a.numel(), **opts)
     return out, lse_out
 
@@ -159,7 +161,7 @@ def _band_forward_fake(q, k, v, o, lse, a, scale):
 def band_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, do: Tensor, dq: Tensor, dk: Tensor,
                   dv: Tensor, a: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The flash backward's (dq, dk, dv) plus the band terms, in q's dtype, and d a (float32)."""
-    q, k, v, out, do, dq, dk, dv = (_inner_contiguous(x) for x in (q, k, v, out, do, dq, dk, dv))
+    q, k, v, out, do, dq, dk, dv = (inner_contiguous(x) for x in (q, k, v, out, do, dq, dk, dv))
     B, H, T, D = q.shape
     af = a.detach().float()
     c, ea = torch.expm1(af).contiguous(), torch.exp(af).contiguous()
@@ -167,8 +169,8 @@ def band_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, do:
     partial = torch.empty(grid[1] * grid[0], a.numel(), device=q.device, dtype=torch.float32)
     dq_out, dk_out, dv_out = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     _band_bwd_kernel[grid](q, k, v, out, lse, do, dq, dk, dv, dq_out, dk_out, dv_out, c, ea, partial,
-                           *_s3(q), *_s3(k), *_s3(v), *_s3(out), *lse.stride(), *_s3(do), *_s3(dq), *_s3(dk),
-                           *_s3(dv), *_s3(dq_out), H, T, D, scale, WINDOW=a.numel(), **opts)
+                           *bht_strides(q, k, v, out), *lse.stride(), *bht_strides(do, dq, dk, dv, dq_out),
+                           H, T, D, scale, WINDOW=a.numel(), **opts)
     return dq_out, dk_out, dv_out, partial.sum(0)
 
 

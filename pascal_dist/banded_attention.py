@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pascal_dist.attention import SdpaBackend, register_backend
+from pascal_dist.attention import SdpaBackend, band_vector, register_backend, triton_installed
 
 aten = torch.ops.aten
 
@@ -124,7 +124,7 @@ KERNELS = "auto"
 
 def _use_triton(q: Tensor) -> bool:
     if KERNELS == "auto":
-        return q.device.type == "cuda" and _triton_available()
+        return q.device.type == "cuda" and triton_installed()
     return KERNELS == "triton"
 
 
@@ -135,14 +135,6 @@ def _correction(use_triton: bool):
 
         return band_kernels.band_forward, band_kernels.band_backward
     return _torch_band_forward, _torch_band_backward
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class BandedFlashAttention(torch.autograd.Function):
@@ -193,10 +185,7 @@ class BandedBackend:
     uses_band = True
 
     def prepare(self, band: Tensor | None, T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        # the band vector itself, in at least float32: the correction is computed at that precision
-        if band is None:
-            band = torch.zeros(1, device=device)
-        return band.to(torch.promote_types(band.dtype, torch.float32))  # (window,)
+        return band_vector(band, device)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Tensor, dropout_p: float) -> Tensor:
         if dropout_p > 0.0:

@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pascal_dist.attention import attend_cached, register_backend  # noqa: F401  (attend_cached: generation)
+from pascal_dist.attention import band_vector, register_backend
+from pascal_dist.band_kernels import bht_strides, inner_contiguous
 
 
 @triton.jit
@@ -41,6 +42,25 @@ def _dot(a, b, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
+
+
+@triton.jit
+def _load_kv(K, V, rows, offs_d, sk_t, sv_t, T, D):
+    """Key and value rows `rows` of one head (zeros past T), and their mask."""
+    k_ptrs, mask = _tile(K, rows, offs_d, sk_t, T, D)
+    v_ptrs, _ = _tile(V, rows, offs_d, sv_t, T, D)
+    return tl.load(k_ptrs, mask=mask, other=0.0), tl.load(v_ptrs, mask=mask, other=0.0), mask
+
+
+@triton.jit
+def _load_query_rows(Q, DO, L, DELTA, rows, offs_d, sq_t, T, D):
+    """What the backward needs of query rows `rows` of one head: q, dO, logsumexp, D_i = dO_i . O_i, and the
+    mask. Rows past T read dO = 0, so they add nothing to any gradient."""
+    q_ptrs, mask = _tile(Q, rows, offs_d, sq_t, T, D)
+    do_ptrs, _ = _tile(DO, rows, offs_d, D, T, D)
+    in_t = rows < T
+    return (tl.load(q_ptrs, mask=mask, other=0.0), tl.load(do_ptrs, mask=mask, other=0.0),
+            tl.load(L + rows, mask=in_t, other=0.0), tl.load(DELTA + rows, mask=in_t, other=0.0), mask)
 
 
 @triton.jit
@@ -79,10 +99,7 @@ def _fwd_block(acc, l_i, m_i, q, K, V, A, seed, bh, sk_t, sv_t, offs_m, offs_d, 
                WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_ptrs, kv_mask = _tile(K, offs_n, offs_d, sk_t, T, D)
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-    v_ptrs, _ = _tile(V, offs_n, offs_d, sv_t, T, D)
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    k, v, _ = _load_kv(K, V, offs_n, offs_d, sk_t, sv_t, T, D)
     s = _scores(q, k, offs_m, offs_n, A, scale, T, WINDOW, MASKED, IEEE)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     if MASKED:
@@ -130,12 +147,7 @@ def _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, offs
                 scale, p_drop, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q_ptrs, q_mask = _tile(Q, offs_m, offs_d, sq_t, T, D)
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    do_ptrs, _ = _tile(DO, offs_m, offs_d, D, T, D)
-    do = tl.load(do_ptrs, mask=q_mask, other=0.0)  # rows past T: dO = 0, so they add nothing below
-    lse = tl.load(L + offs_m, mask=offs_m < T, other=0.0)
-    delta = tl.load(DELTA + offs_m, mask=offs_m < T, other=0.0)
+    q, do, lse, delta, _ = _load_query_rows(Q, DO, L, DELTA, offs_m, offs_d, sq_t, T, D)
     p = tl.exp(_scores(q, k, offs_m, offs_n, A, scale, T, WINDOW, MASKED, IEEE) - lse[:, None])
     dp = _dot(do, tl.trans(v), IEEE)
     if DROPOUT:
@@ -163,10 +175,7 @@ def _bwd_dkdv_kernel(Q, K, V, A, SEED, DO, L, DELTA, DK, DV, DA, sq_b, sq_h, sq_
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k_ptrs, kv_mask = _tile(_head(K, bh, H, sk_b, sk_h), offs_n, offs_d, sk_t, T, D)
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-    v_ptrs, _ = _tile(_head(V, bh, H, sv_b, sv_h), offs_n, offs_d, sv_t, T, D)
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    k, v, kv_mask = _load_kv(_head(K, bh, H, sk_b, sk_h), _head(V, bh, H, sv_b, sv_h), offs_n, offs_d, sk_t, sv_t, T, D)
     row0 = bh.to(tl.int64) * T  # int64: B*H*T*d passes 2**31 at long sequences
     Q, DO, L, DELTA = _head(Q, bh, H, sq_b, sq_h), DO + row0 * D, L + row0, DELTA + row0
     seed = tl.load(SEED)
@@ -194,10 +203,7 @@ def _dq_block(dq, q, do, lse, delta, K, V, A, seed, bh, sk_t, sv_t, offs_m, offs
               WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_ptrs, kv_mask = _tile(K, offs_n, offs_d, sk_t, T, D)
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-    v_ptrs, _ = _tile(V, offs_n, offs_d, sv_t, T, D)
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    k, v, _ = _load_kv(K, V, offs_n, offs_d, sk_t, sv_t, T, D)
     p = tl.exp(_scores(q, k, offs_m, offs_n, A, scale, T, WINDOW, MASKED, IEEE) - lse[:, None])
     dp = _dot(do, tl.trans(v), IEEE)
     if DROPOUT:
@@ -214,12 +220,9 @@ def _bwd_dq_kernel(Q, K, V, A, SEED, DO, L, DELTA, DQ, sq_b, sq_h, sq_t, sk_b, s
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs, q_mask = _tile(_head(Q, bh, H, sq_b, sq_h), offs_m, offs_d, sq_t, T, D)
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    do_ptrs, _ = _tile(DO + bh.to(tl.int64) * T * D, offs_m, offs_d, D, T, D)
-    do = tl.load(do_ptrs, mask=q_mask, other=0.0)
-    lse = tl.load(L + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    row0 = bh.to(tl.int64) * T  # int64: B*H*T*d passes 2**31 at long sequences
+    q, do, lse, delta, q_mask = _load_query_rows(_head(Q, bh, H, sq_b, sq_h), DO + row0 * D, L + row0, DELTA + row0,
+                                                 offs_m, offs_d, sq_t, T, D)
     K, V = _head(K, bh, H, sk_b, sk_h), _head(V, bh, H, sv_b, sv_h)
     seed = tl.load(SEED)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -230,7 +233,7 @@ def _bwd_dq_kernel(Q, K, V, A, SEED, DO, L, DELTA, DQ, sq_b, sq_h, sq_t, sk_b, s
     for start_n in range(lo, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
         dq = _dq_block(dq, q, do, lse, delta, K, V, A, seed, bh, sk_t, sv_t, offs_m, offs_d, start_n, T, D, scale,
                        p_drop, WINDOW, DROPOUT, True, IEEE, BLOCK_M, BLOCK_N)
-    dq_ptrs, _ = _tile(DQ + bh.to(tl.int64) * T * D, offs_m, offs_d, D, T, D)
+    dq_ptrs, _ = _tile(DQ + row0 * D, offs_m, offs_d, D, T, D)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -267,22 +270,13 @@ def _blocks(head_dim: int, kernel: str, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
 
 
-def _strides(x: Tensor) -> tuple[int, ...]:
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
-def _inner_contiguous(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-# Custom ops: torch.compile sees one opaque call each way (shapes from the fake implementations).
 # The forward draws its dropout seed inside: tagged nondeterministic_seeded, so that the compiler's partitioner
 # saves the seed instead of re-running the op in backward (activation checkpointing), which would draw another.
 @torch.library.custom_op("pascal_dist::fused_band_attention", mutates_args=(),
                          tags=(torch.Tag.nondeterministic_seeded,))
 def fused_forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
     """(out (B, H, T, d) in q's dtype, logsumexp (B, H, T) float32, dropout seed (1,) int64)."""
-    q, k, v = (_inner_contiguous(x) for x in (q, k, v))
+    q, k, v = (inner_contiguous(x) for x in (q, k, v))
     B, H, T, D = q.shape
     # drawn from the device's torch generator (checkpointed with the run, no host sync), only when it is used
     if dropout_p > 0.0:
@@ -293,8 +287,8 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, dropout_p: float) 
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     opts = _blocks(D, "fwd", q.dtype)
     grid = (triton.cdiv(T, opts["BLOCK_M"]), B * H)
-    _fwd_kernel[grid](q, k, v, a.detach().float().contiguous(), seed, out, lse, *_strides(q), *_strides(k),
-                      *_strides(v), H, T, D, 1.0 / math.sqrt(D), dropout_p,
+    _fwd_kernel[grid](q, k, v, a.detach().float().contiguous(), seed, out, lse, *bht_strides(q, k, v),
+                      H, T, D, 1.0 / math.sqrt(D), dropout_p,
                       WINDOW=a.numel(), DROPOUT=dropout_p > 0.0, IEEE=q.dtype == torch.float32, **opts)
     return out, lse, seed
 
@@ -310,12 +304,12 @@ def _fused_forward_fake(q, k, v, a, dropout_p):
 def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, a: Tensor, seed: Tensor,
                    dropout_p: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv) in q's dtype and d a (window,) float32."""
-    q, k, v = (_inner_contiguous(x) for x in (q, k, v))
+    q, k, v = (inner_contiguous(x) for x in (q, k, v))
     do = do.contiguous()
     B, H, T, D = q.shape
     delta = (do.float() * out.float()).sum(-1).contiguous()  # D_i = dO_i . O_i, (B, H, T)
     dq, dk, dv = (torch.empty((B, H, T, D), device=q.device, dtype=q.dtype) for _ in range(3))
-    common = (*_strides(q), *_strides(k), *_strides(v), H, T, D, 1.0 / math.sqrt(D), dropout_p)
+    common = (*bht_strides(q, k, v), H, T, D, 1.0 / math.sqrt(D), dropout_p)
     flags = dict(WINDOW=a.numel(), DROPOUT=dropout_p > 0.0, IEEE=q.dtype == torch.float32)
     af = a.detach().float().contiguous()
     opts = _blocks(D, "dkdv", q.dtype)
@@ -357,9 +351,7 @@ class FusedBackend:
     uses_band = True
 
     def prepare(self, band: Tensor | None, T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        if band is None:
-            band = torch.zeros(1, device=device)
-        return band.to(torch.promote_types(band.dtype, torch.float32))  # (window,), float32 in the kernel
+        return band_vector(band, device)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Tensor, dropout_p: float) -> Tensor:
         return FusedBandAttention.apply(q, k, v, prepared, dropout_p)

@@ -10,6 +10,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def kernels_take_cpu_tensors(request):
+    """For Triton kernel tests that hand CPU tensors to the kernels: only Triton's interpreter takes those. On a
+    GPU machine the `gpu`-marked tests check the compiled kernels instead."""
+    if torch.cuda.is_available() and request.node.get_closest_marker("gpu") is None:
+        pytest.skip("runs the kernels in Triton's CPU interpreter; on a GPU the `gpu` tests cover them")
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """Three of the embedded corpus's plays, BPE vocab 512: real text, prepared in a couple of seconds."""

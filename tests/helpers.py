@@ -48,3 +48,28 @@ def read_texts(run_dir: str, tag: str) -> list[tuple[int, str]]:
     acc = EventAccumulator(os.path.join(run_dir, "tensorboard"), size_guidance={"tensors": 0})
     acc.Reload()
     return [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(f"{tag}/text_summary")]
+
+
+def require_triton(interpreter_from: tuple[int, int] | None = None):
+    """Triton for a kernel test module, else skip the module; under CI=true (where `.[dev]` installs it) a missing
+    or too old Triton fails instead, since a skip there would hide the kernels from every check.
+
+    interpreter_from: the oldest Triton whose CPU interpreter runs the module's kernels (used only without CUDA).
+    """
+    import pytest
+    import torch
+
+    try:
+        import triton
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip("Triton is not installed", allow_module_level=True)
+    old = tuple(map(int, triton.__version__.split(".")[:2])) < (interpreter_from or (0, 0))
+    if old and not torch.cuda.is_available():
+        since = ".".join(map(str, interpreter_from))
+        reason = f"Triton {triton.__version__}'s interpreter cannot run these kernels ({since}+ can)"
+        if os.environ.get("CI") == "true":
+            raise ImportError(reason)
+        pytest.skip(reason, allow_module_level=True)
+    return triton

@@ -4,87 +4,33 @@ Without a GPU the kernels run in Triton's interpreter (conftest sets TRITON_INTE
 imported). Its tl.dot is wrong for bf16 tiles, so bf16 is checked only on CUDA (the `gpu` tests at the end);
 float32 and float16 run the same kernel source here.
 """
-import math
 import os
 
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounterWithBackend
 
-try:
-    import triton  # noqa: F401
-except ImportError:
-    if os.environ.get("CI") == "true":
-        raise  # `.[dev]` installs it: in CI a skip would hide the kernels from every check
-    pytest.skip("Triton is not installed", allow_module_level=True)
-if not torch.cuda.is_available() and tuple(map(int, triton.__version__.split(".")[:2])) < (3, 9):
-    # older interpreters turn tensor loop bounds into Python ints in a way NumPy 2 refuses (seen with 3.5)
-    if os.environ.get("CI") == "true":
-        raise ImportError(f"Triton {triton.__version__}: the kernel tests need its interpreter from 3.9 on")
-    pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels (3.9+ can)",
-                allow_module_level=True)
+from tests.helpers import require_triton
 
-from pascal_dist.attention import get_backend  # noqa: E402
-from pascal_dist.bias import PascalBias  # noqa: E402
+# older interpreters turn tensor loop bounds into Python ints in a way NumPy 2 refuses (seen with 3.5)
+require_triton(interpreter_from=(3, 9))
 from pascal_dist.fused_attention import dropout_mask  # noqa: E402
-from pascal_dist.schema import BiasConfig  # noqa: E402
-from tests.test_banded_attention import (LABELS, STEP, THETA, WARMUP, batch, build, inputs,  # noqa: E402
-                                         loss_and_grads, spec_band64)
+from tests.test_banded_attention import (LABELS, assert_compiles_like_eager, assert_float32_close,  # noqa: E402
+                                         batch, build, inputs, loss_and_grads, ref64, rel_err, run_backend)
 
-
-
-@pytest.fixture(autouse=True)
-def interpreter_only(request):
-    """The CPU tests hand CPU tensors to the kernels: only Triton's interpreter takes those. On a GPU machine the
-    `gpu`-marked tests check the compiled kernels instead."""
-    if torch.cuda.is_available() and request.node.get_closest_marker("gpu") is None:
-        pytest.skip("runs the kernels in Triton's CPU interpreter; on a GPU the `gpu` tests cover them")
-
-def reference64(q, k, v, w, pascal_n, window, keep=None, p=0.0):
-    """Output and grads (q, k, v, theta, band) of dense float64 attention, dropout by an explicit keep-mask."""
-    q, k, v = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    theta = torch.tensor([THETA], dtype=torch.float64, requires_grad=True)
-    band = spec_band64(theta, pascal_n, window)
-    band.retain_grad()
-    T = q.size(-2)
-    dist = torch.arange(T)[:, None] - torch.arange(T)[None, :]
-    bias = torch.zeros(T, T, dtype=torch.float64).masked_fill(dist < 0, -math.inf)
-    for m in range(window):
-        bias = bias + torch.where(dist == m, band[m], 0.0)
-    att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)) + bias, dim=-1)
-    if keep is not None:
-        att = att * keep.cpu().double() / (1 - p)
-    out = att @ v
-    (out * w.cpu().double()).sum().backward()
-    dtheta = torch.zeros(1, dtype=torch.float64) if theta.grad is None else theta.grad
-    return out.detach(), q.grad, k.grad, v.grad, dtheta, band.grad
+pytestmark = pytest.mark.usefixtures("kernels_take_cpu_tensors")
 
 
 def fused(q, k, v, w, pascal_n, window, p=0.0):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    bias = PascalBias(BiasConfig(pascal_n=pascal_n, window=window, theta_init=THETA, warmup_steps=WARMUP))
-    bias = bias.to(q.device)
-    band = bias(torch.tensor(STEP, device=q.device))
-    band.retain_grad()
-    be = get_backend("fused")
-    out = be.attend(q, k, v, be.prepare(band, q.size(-2), q.device, q.dtype), p)
-    (out * w).sum().backward()
-    return out.detach(), q.grad, k.grad, v.grad, bias.theta.grad, band.grad
-
-
-def rel_err(x, ref):
-    return ((x.detach().cpu().double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+    return run_backend("fused", q, k, v, w, pascal_n, window, p)
 
 
 @pytest.mark.parametrize("pascal_n,window", [(3, 1), (3, 3), (4, 5)])  # window 5: not a power of two
 @pytest.mark.parametrize("T,D", [(1, 16), (3, 16), (17, 16), (70, 40), (130, 64), (66, 128)])
 def test_float32_matches_float64_reference(T, D, pascal_n, window):
     q, k, v, w = inputs(T, D, torch.float32, seed=T + D + window)
-    got, ref = fused(q, k, v, w, pascal_n, window), reference64(q, k, v, w, pascal_n, window)
-    for label, x, r in zip(LABELS, got, ref):
-        assert x.dtype == torch.float32, label
-        tol = 1e-4 * r.abs().max().item()  # band and theta grads are sums over B*H*T terms
-        torch.testing.assert_close(x.double(), r, rtol=1e-4, atol=max(2e-5, tol), msg=f"T={T} D={D} {label}")
+    got, ref = fused(q, k, v, w, pascal_n, window), ref64(q, k, v, w, pascal_n, window)
+    assert all(x.dtype == torch.float32 for x in got)
+    assert_float32_close(got, ref, f"T={T} D={D}")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 1e-2)])
@@ -92,7 +38,7 @@ def test_half_precision_matches_float64_reference(dtype, tol):
     if dtype == torch.bfloat16 and not torch.cuda.is_available():
         pytest.skip("Triton's interpreter multiplies bf16 tiles as raw integers in tl.dot (triton 3.9); GPU only")
     q, k, v, w = inputs(96, 64, dtype, seed=11)
-    got, ref = fused(q, k, v, w, 3, 3), reference64(q, k, v, w, 3, 3)
+    got, ref = fused(q, k, v, w, 3, 3), ref64(q, k, v, w, 3, 3)
     for label, x, r in zip(LABELS, got, ref):
         assert x.dtype == (dtype if label in ("out", "dq", "dk", "dv") else torch.float32), label
         assert rel_err(x, r) < (2 * tol if label in ("dtheta", "dband") else tol), f"{dtype} {label}"
@@ -109,11 +55,9 @@ def test_dropout_is_exact_for_the_mask_it_draws(T, D):
     seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)
     keep = dropout_mask(seed, *q.shape[:3], p)
     assert 0.6 < keep.float().mean().item() < 0.8
-    ref = reference64(q, k, v, w, 3, 3, keep=keep, p=p)
-    for label, x, r in zip(LABELS, got, ref):
-        tol = 1e-4 * r.abs().max().item()
-        torch.testing.assert_close(x.double(), r, rtol=1e-4, atol=max(2e-5, tol), msg=label)
-    no_dropout = reference64(q, k, v, w, 3, 3)[0]
+    ref = ref64(q, k, v, w, 3, 3, keep=keep, p=p)
+    assert_float32_close(got, ref)
+    no_dropout = ref64(q, k, v, w, 3, 3)[0]
     assert rel_err(got[0], no_dropout) > 0.05  # the mask did something
 
 
@@ -175,18 +119,7 @@ def test_compiled_activation_checkpointing_keeps_the_dropout_mask():
 
 
 def test_compiles_without_graph_breaks_and_matches_eager():
-    m = build("fused").train()
-    idx, tgt = batch()
-    explanation = torch._dynamo.explain(m)(idx, tgt)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    l0, g0 = loss_and_grads(m, idx, tgt)
-    m.zero_grad(set_to_none=True)
-    cnt = CompileCounterWithBackend("aot_eager")
-    l1, g1 = loss_and_grads(m, idx, tgt, torch.compile(m, backend=cnt))
-    assert cnt.frame_count == 1
-    torch.testing.assert_close(l1, l0)
-    for name in g0:
-        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_compiles_like_eager(build("fused").train())
 
 
 def test_without_a_gpu_training_refuses_and_everything_else_runs_banded(monkeypatch, tiny_data, tmp_path):
@@ -248,7 +181,7 @@ def test_cuda_matches_float64_reference(T, D, p, dtype):
     if p:
         torch.manual_seed(1)
         keep = dropout_mask(torch.randint(0, 2 ** 62, (1,), device="cuda", dtype=torch.int64), 1, 2, T, p)
-    ref = reference64(q.float(), k.float(), v.float(), w.float(), 3, 3, keep=keep, p=p)
+    ref = ref64(q.float(), k.float(), v.float(), w.float(), 3, 3, keep=keep, p=p)
     tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}[dtype]  # float32: IEEE matmuls
     for label, x, r in zip(LABELS, got, ref):
         err = rel_err(x, r)
