@@ -1,7 +1,10 @@
 """One training step of the model, plain PyTorch loop vs the DeepSpeed ZeRO engine (stages 1, 2, 3), side by side.
 
 Same model, same random tokens, one process; the ratio is tokens/s over the plain loop's. On a GPU it also
-reports model TFLOP/s (6N + 12 L d T per token), MFU against --peak-tflops, and peak memory. The engine rows
+reports model TFLOP/s (6N + 12 L d T per token), MFU against --peak-tflops, and peak memory. On any machine it
+counts, for one step run eagerly, the ops dispatched (kernel launches on a GPU) and the host reads (each one
+stalls the GPU until the CPU catches up): the engine's overhead in launches and stalls, before a GPU times it.
+The engine rows
 run the project's own configs/zero*.json (what `launcher/train.py` runs), or variants given with --ds, e.g.
 
     python bench/bench_step.py                                   # CPU-sized defaults, configs/zero{1,2,3}.json
@@ -19,6 +22,7 @@ import time
 import torch
 
 from pascal_dist.config import load_ds_config
+from pascal_dist.dispatch_count import DispatchCounter
 from pascal_dist.dist_env import DistEnv
 from pascal_dist.engine import build_engine, init_distributed
 from pascal_dist.model import PascalGPT
@@ -58,7 +62,8 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(step, a: argparse.Namespace, name: str) -> float:
+def timed(step, a: argparse.Namespace, name: str) -> dict:
+    """Seconds per step; then (outside the timing) one counted step and, with --profile, a profile."""
     for _ in range(a.warmup):
         step()
     sync()
@@ -67,9 +72,14 @@ def timed(step, a: argparse.Namespace, name: str) -> float:
         step()
     sync()
     seconds = (time.perf_counter() - start) / a.steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     if a.profile:
         profile(step, a.profile, name)
-    return seconds
+    with torch.compiler.set_stance("force_eager"), DispatchCounter() as counted:
+        step()
+    sync()
+    return {"seconds": seconds, "peak": peak, "launches": counted.launches, "host_reads": counted.host_reads,
+            "top": counted.top(8)}
 
 
 def profile(step, out_dir: str, name: str) -> None:
@@ -105,11 +115,11 @@ def ds_variant(spec: str, a: argparse.Namespace) -> dict:
     return ds
 
 
-def plain(a: argparse.Namespace, device: torch.device, x: torch.Tensor) -> float:
+def plain(a: argparse.Namespace, device: torch.device, x: torch.Tensor) -> dict:
     torch.manual_seed(0)
     model = PascalGPT(model_cfg(a)).to(device)
     run = torch.compile(model) if a.compile else model
-    opt = torch.optim.AdamW(model.param_groups(0.1), lr=3e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=3e-4, betas=(0.9, 0.95), fused=True)  # one kernel for all parameters, as on a GPU
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -122,7 +132,7 @@ def plain(a: argparse.Namespace, device: torch.device, x: torch.Tensor) -> float
     return timed(step, a, "plain")
 
 
-def zero(a: argparse.Namespace, spec: str, x: torch.Tensor) -> float:
+def zero(a: argparse.Namespace, spec: str, x: torch.Tensor) -> dict:
     torch.manual_seed(0)
     model = PascalGPT(model_cfg(a))
     engine, _, _ = build_engine(model, TrainConfig(), ds_variant(spec, a))
@@ -146,22 +156,25 @@ def main() -> None:
     x = torch.randint(0, 8192, (a.batch, a.block_size), device=device)
     tokens = a.batch * a.block_size
     flops_per_token = PascalGPT(model_cfg(a)).flops_per_token()
-    rows = [("plain PyTorch" + (" (compiled)" if a.compile else ""), plain(a, device, x),
-             torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"))]
+    rows = [("plain PyTorch" + (" (compiled)" if a.compile else ""), plain(a, device, x))]
     for spec in a.ds or [f"configs/zero{stage}.json" for stage in (1, 2, 3)]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        rows.append((f"DeepSpeed {spec}", zero(a, spec, x),
-                     torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")))
+        rows.append((f"DeepSpeed {spec}", zero(a, spec, x)))
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{card}, torch {torch.__version__}, L={a.n_layer} d={a.n_embd} T={a.block_size} B={a.batch}, "
-          f"backend {a.backend}, compile={a.compile}, {a.steps} timed steps after {a.warmup}\n")
-    print("| loop | ms/step | tokens/s | ratio | model TFLOP/s | MFU | peak GiB |\n|---|---|---|---|---|---|---|")
-    for name, seconds, peak in rows:
-        tflops = flops_per_token * tokens / seconds / 1e12
+          f"backend {a.backend}, compile={a.compile}, {a.steps} timed steps after {a.warmup}; ops and host reads "
+          f"counted in one eager step\n")
+    print("| loop | ms/step | tokens/s | ratio | model TFLOP/s | MFU | peak GiB | ops/step | host reads/step |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    base = rows[0][1]["seconds"]
+    for name, r in rows:
+        tflops = flops_per_token * tokens / r["seconds"] / 1e12
         mfu = f"{tflops / a.peak_tflops:.1%}" if a.peak_tflops else "-"
-        print(f"| {name} | {seconds * 1e3:.1f} | {tokens / seconds:,.0f} | {rows[0][1] / seconds:.2f} | "
-              f"{tflops:.2f} | {mfu} | {peak:.2f} |")
+        print(f"| {name} | {r['seconds'] * 1e3:.1f} | {tokens / r['seconds']:,.0f} | {base / r['seconds']:.2f} | "
+              f"{tflops:.2f} | {mfu} | {r['peak']:.2f} | {r['launches']:,} | {r['host_reads']} |")
+    print("\nmost frequent ops per row: " + "; ".join(
+        f"{name}: " + ", ".join(f"{op} {n}" for op, n in r["top"][:5]) for name, r in rows))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """When to stop early: SIGTERM/SIGUSR1 (cluster preemption, Slurm's --signal) and the configured time limit.
 
-A signal only sets a flag; the training loop turns it into a decision shared by every rank (an all-reduce at
-each step boundary), finishes the step, checkpoints, and exits with EXIT_PREEMPTED so that a job script can
-requeue. A signal that reaches only some ranks (the deepspeed launcher forwards SIGTERM one rank at a time)
+A signal only sets a flag; the training loop turns it into a decision shared by every rank (a vote all-reduced
+at each step boundary and read at the next, so that no step waits for it), finishes the step, checkpoints, and
+exits with EXIT_PREEMPTED so that a job script can requeue. A signal that reaches only some ranks (the deepspeed launcher forwards SIGTERM one rank at a time)
 still stops all of them together.
 """
 from __future__ import annotations
 
 import signal
 import time
+
+import torch
+import torch.distributed as dist
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; run again with --resume auto
 EXIT_NUMERICAL = 3   # too many consecutive non-finite steps; the last good state was checkpointed
@@ -57,3 +60,37 @@ class StopWatch:
             if time.monotonic() - self.start + margin >= self.time_limit_s:
                 return TIME_LIMIT
         return NONE
+
+
+class StopVote:
+    """The ranks' stop reasons, reduced (max) without stalling a GPU: a vote cast at one step boundary is read at
+    the next. Reading it at once would make the host wait for the whole step's kernels every step, leaving the GPU
+    idle while the next step is launched; a step later the vote has long arrived in pinned host memory."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._pending = None  # (host tensor holding the reduced vote, what to wait on before reading it)
+
+    def cast(self, reason: int) -> None:
+        """Start reducing this rank's reason; every rank casts at the same boundaries, in the same order."""
+        self.result()  # at most one vote in flight: collectives must be issued in the same order on every rank
+        vote = torch.tensor([reason], dtype=torch.int64, device=self.device)
+        work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, async_op=True)
+        if self.device.type == "cuda":
+            work.wait()  # orders the copy after the collective on the stream; the host does not wait
+            host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+            host.copy_(vote, non_blocking=True)
+            arrived = torch.cuda.Event()
+            arrived.record()
+            self._pending = (host, arrived.synchronize)
+        else:
+            self._pending = (vote, work.wait)
+
+    def result(self) -> int:
+        """The last vote's outcome, the same on every rank (NONE if none is pending); consumes it."""
+        if self._pending is None:
+            return NONE
+        host, wait = self._pending
+        self._pending = None
+        wait()
+        return int(host.numpy()[0])  # numpy: reads host memory directly, no device op

@@ -29,7 +29,8 @@ from pascal_dist.dist_env import DistEnv
 from pascal_dist.engine import build_engine, init_distributed
 from pascal_dist.metrics import MetricsWriter, StepTimer, memory_gib
 from pascal_dist.model import PascalGPT
-from pascal_dist.preemption import EXIT_NUMERICAL, EXIT_PREEMPTED, NONE, SIGNALLED, StopTraining, StopWatch
+from pascal_dist.preemption import (EXIT_NUMERICAL, EXIT_PREEMPTED, NONE, SIGNALLED, StopTraining, StopVote,
+                                   StopWatch)
 from pascal_dist.schema import RunConfig
 
 
@@ -72,6 +73,7 @@ class Trainer:
         self.device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self.stop_vote = StopVote(self.device)
         self.loader = self._together(lambda: TrainLoader(
             cfg.data.dir, cfg.data.train_split, cfg.model.block_size, t.micro_batch_size, t.grad_accum, env.rank,
             env.world_size, t.seed, self.device, expected_vocab_size=cfg.model.vocab_size))
@@ -220,14 +222,18 @@ class Trainer:
         return float(value) / self.env.world_size
 
     def _check_stop(self) -> None:
-        """Every rank agrees whether to stop now (a signal on any rank, or the time limit), then stops together."""
-        reason = torch.tensor([self.stopwatch.reason(self.slowest_step_s, self.save_s)], dtype=torch.int64,
-                              device=self.device)
-        dist.all_reduce(reason, op=dist.ReduceOp.MAX)
-        if int(reason) == NONE:
+        """Every rank agrees whether to stop (a signal on any rank, or the time limit), then stops together.
+
+        The vote read here was cast one step ago (StopVote), so stopping takes one step longer than the signal
+        and the time limit's margin (two steps and two saves) covers that step.
+        """
+        reason = self.stop_vote.result()
+        self.stop_vote.cast(self.stopwatch.reason(self.slowest_step_s, self.save_s))
+        if reason == NONE:
             return
+        self.stop_vote.result()  # settle the vote just cast before the save's own collectives
         tag = self.save()
-        why = (f"signal {self.stopwatch.signal_name or 'on another rank'}" if int(reason) == SIGNALLED
+        why = (f"signal {self.stopwatch.signal_name or 'on another rank'}" if reason == SIGNALLED
                else f"time limit of {self.cfg.train.time_limit_s:.0f} s")
         raise StopTraining(f"stopped at step {self.step} by {why}; checkpoint {tag} saved, "
                            f"continue with --resume auto", EXIT_PREEMPTED)
@@ -328,6 +334,7 @@ class Trainer:
         self.metrics.close()
         if dist.is_initialized():
             if clean:
+                self.stop_vote.result()  # the vote cast at the last step boundary, still in flight
                 # A rank that destroys the group while a peer still has collectives in flight can abort the
                 # peer at exit ("terminate called without an active exception"), so everyone arrives first.
                 dist.barrier()

@@ -30,6 +30,36 @@ def run_train(ds_config: str, overrides: list[str], nprocs: int = 2, resume: str
                           text=True, timeout=timeout)
 
 
+_REPORT = """import faulthandler as _faulthandler, json as _json, os as _os
+_faulthandler.enable()  # a C++ abort at exit prints every thread's Python stack
+def report(result):
+    with open(_os.path.join(_os.environ["RESULT_DIR"], _os.environ["RANK"] + ".json"), "w") as _f:
+        _json.dump(result, _f)
+"""
+
+
+def run_torchrun(tmp_path, worker: str, *args: str, nprocs: int = 2) -> list[dict]:
+    """Run the Python source `worker` on `nprocs` ranks with torchrun (gloo on CPU); each rank passes a JSON-able
+    dict to `report(...)`, defined for it. Returns those dicts in rank order."""
+    import json
+
+    script = os.path.join(tmp_path, "worker.py")
+    with open(script, "w") as f:
+        # end as the launchers do (pascal_dist.cli.run_rank): Python's finalization can abort a rank whose process
+        # group was cleanly destroyed ("terminate called without an active exception", seen here about 1 in 20)
+        f.write(_REPORT + worker + "\nimport sys as _sys\n_sys.stdout.flush()\n_os._exit(0)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, RESULT_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
+                           "--master_port", str(free_port()), script, *args], cwd=REPO, text=True, env=env,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = []
+    for rank in range(nprocs):
+        with open(os.path.join(tmp_path, f"{rank}.json")) as f:
+            results.append(json.load(f))
+    return results
+
+
 def read_scalars(run_dir: str, tag: str | None = None):
     """All scalar tags of a run's TensorBoard events, or one tag's (step, value) list."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

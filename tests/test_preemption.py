@@ -1,4 +1,4 @@
-"""Stop decisions of one rank: a recorded signal, and the time limit with its safety margin."""
+"""Stop decisions: a recorded signal, the time limit with its safety margin, and the vote that shares them."""
 import os
 import signal
 import time
@@ -7,6 +7,7 @@ import pytest
 
 from pascal_dist import preemption
 from pascal_dist.preemption import NONE, SIGNALLED, TIME_LIMIT, StopWatch
+from tests.helpers import run_torchrun
 
 
 @pytest.fixture(autouse=True)
@@ -33,3 +34,33 @@ def test_time_limit_leaves_room_for_a_step_and_a_save():
     assert watch.reason(slowest_step_s=1.0, save_s=1.0) == NONE  # needs 4 s
     assert watch.reason(slowest_step_s=1.0, save_s=1.6) == TIME_LIMIT  # needs 5.2 s
     assert StopWatch(time_limit_s=0.0).reason(1e9, 1e9) == NONE  # 0 = no limit
+
+
+VOTE_WORKER = r'''
+import torch
+import torch.distributed as dist
+from pascal_dist.dispatch_count import DispatchCounter
+from pascal_dist.preemption import NONE, SIGNALLED, TIME_LIMIT, StopVote
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+vote = StopVote(torch.device("cpu"))
+mine = {2: SIGNALLED if rank == 1 else NONE, 3: TIME_LIMIT if rank == 0 else NONE}
+seen = []
+with DispatchCounter() as counted:
+    for boundary in range(6):
+        seen.append(vote.result())
+        vote.cast(mine.get(boundary, NONE))
+seen.append(vote.result())
+report({"seen": seen, "host_reads": counted.host_reads})
+dist.destroy_process_group()
+'''
+
+
+def test_stop_vote_is_shared_one_boundary_later_without_host_reads(tmp_path):
+    """A reason cast on one rank reaches every rank at the next boundary (max of the reasons), and reading it
+    costs no host read of a device value."""
+    results = run_torchrun(tmp_path, VOTE_WORKER)
+    for r in results:
+        assert r["seen"] == [NONE, NONE, NONE, SIGNALLED, TIME_LIMIT, NONE, NONE]
+        assert r["host_reads"] == 0
