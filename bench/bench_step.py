@@ -10,11 +10,13 @@ run the project's own configs/zero*.json (what `launcher/train.py` runs), or var
     python bench/bench_step.py                                   # CPU-sized defaults, configs/zero{1,2,3}.json
     python bench/bench_step.py --spec --compile --peak-tflops 989  # the SPEC model on an H100/H200 (bf16 dense peak)
     python bench/bench_step.py --ds configs/zero2.json --ds configs/zero2.json:zero_optimization.overlap_comm=false
+    python bench/bench_step.py --ds configs/zero2.json --ds-scan configs/zero2.json  # with DeepSpeed's own scan
     python bench/bench_step.py --profile out/                    # + a torch.profiler table and trace per row
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -43,6 +45,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--ds", action="append", default=None, metavar="PATH[:key=value...]",
                    help="a DeepSpeed config to time (repeatable), with optional dotted overrides, values in JSON "
                         "(default: configs/zero1.json, zero2.json, zero3.json)")
+    p.add_argument("--ds-scan", action="append", default=[], metavar="PATH[:key=value...]",
+                   help="also time this config with DeepSpeed's own per-tensor overflow scan, which pascal-dist "
+                        "drops in ZeRO-1/2 bf16 (pascal_dist.engine.skip_redundant_overflow_scan): its cost")
     p.add_argument("--profile", default=None, metavar="DIR", help="also profile 3 steps of each row into DIR")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the card's bf16 dense peak, for MFU")
@@ -62,8 +67,19 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(step, a: argparse.Namespace, name: str) -> dict:
-    """Seconds per step; then (outside the timing) one counted step and, with --profile, a profile."""
+def fresh_memory() -> float:
+    """Free what earlier rows left and start the peak afresh; returns the GiB still allocated (the tokens)."""
+    gc.collect()
+    if not torch.cuda.is_available():
+        return 0.0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**30
+
+
+def timed(step, a: argparse.Namespace, name: str, before_gib: float) -> dict:
+    """Seconds per step; then (outside the timing) one counted step and, with --profile, a profile.
+    Peak memory is that of this row alone: what was allocated before it was built is subtracted."""
     for _ in range(a.warmup):
         step()
     sync()
@@ -72,7 +88,7 @@ def timed(step, a: argparse.Namespace, name: str) -> dict:
         step()
     sync()
     seconds = (time.perf_counter() - start) / a.steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 - before_gib if torch.cuda.is_available() else float("nan")
     if a.profile:
         profile(step, a.profile, name)
     with torch.compiler.set_stance("force_eager"), DispatchCounter() as counted:
@@ -116,6 +132,7 @@ def ds_variant(spec: str, a: argparse.Namespace) -> dict:
 
 
 def plain(a: argparse.Namespace, device: torch.device, x: torch.Tensor) -> dict:
+    before = fresh_memory()
     torch.manual_seed(0)
     model = PascalGPT(model_cfg(a)).to(device)
     run = torch.compile(model) if a.compile else model
@@ -129,13 +146,16 @@ def plain(a: argparse.Namespace, device: torch.device, x: torch.Tensor) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return timed(step, a, "plain")
+    return timed(step, a, "plain", before)
 
 
-def zero(a: argparse.Namespace, spec: str, x: torch.Tensor) -> dict:
+def zero(a: argparse.Namespace, spec: str, x: torch.Tensor, deepspeed_scan: bool = False) -> dict:
+    before = fresh_memory()
     torch.manual_seed(0)
     model = PascalGPT(model_cfg(a))
-    engine, _, _ = build_engine(model, TrainConfig(), ds_variant(spec, a))
+    engine, optimizer, _ = build_engine(model, TrainConfig(), ds_variant(spec, a))
+    if deepspeed_scan:
+        vars(optimizer).pop("check_overflow", None)  # back to DeepSpeed's own method
     if a.compile:
         engine.compile()
 
@@ -144,7 +164,7 @@ def zero(a: argparse.Namespace, spec: str, x: torch.Tensor) -> dict:
         engine.backward(loss)
         engine.step()
 
-    result = timed(step, a, spec)
+    result = timed(step, a, spec + (" scan" if deepspeed_scan else ""), before)
     engine.destroy()
     return result
 
@@ -158,9 +178,9 @@ def main() -> None:
     flops_per_token = PascalGPT(model_cfg(a)).flops_per_token()
     rows = [("plain PyTorch" + (" (compiled)" if a.compile else ""), plain(a, device, x))]
     for spec in a.ds or [f"configs/zero{stage}.json" for stage in (1, 2, 3)]:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         rows.append((f"DeepSpeed {spec}", zero(a, spec, x)))
+    for spec in a.ds_scan:
+        rows.append((f"DeepSpeed {spec}, DeepSpeed's overflow scan", zero(a, spec, x, deepspeed_scan=True)))
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{card}, torch {torch.__version__}, L={a.n_layer} d={a.n_embd} T={a.block_size} B={a.batch}, "
           f"backend {a.backend}, compile={a.compile}, {a.steps} timed steps after {a.warmup}; ops and host reads "

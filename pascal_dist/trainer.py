@@ -165,7 +165,8 @@ class Trainer:
             before = self.step
             step_loss = self._one_step(attempt)
             attempt += 1
-            elapsed = timer.lap()
+            ends_window = self.step % lg.log_interval == 0 or self.step == t.max_steps
+            elapsed = timer.lap(sync=ends_window)  # the logged throughput is exact; no other step waits
             if self.step == before:  # DeepSpeed found a non-finite gradient on some rank: skipped everywhere
                 bad_in_a_row += 1
                 self.metrics.scalars({"train/skipped_steps": float(self.engine.skipped_steps)}, self.step)
@@ -183,7 +184,7 @@ class Trainer:
             window_steps, window_time = window_steps + 1, window_time + elapsed
             step = self.step
             paused = False
-            if step % lg.log_interval == 0 or step == t.max_steps:
+            if ends_window:
                 self._write_train_metrics(step, self._mean_over_ranks(window_loss / window_steps),
                                           window_time / window_steps, tokens_per_step * window_steps / window_time)
                 window_loss, window_steps, window_time, paused = None, 0, 0.0, True
@@ -193,7 +194,7 @@ class Trainer:
                 self.save()
                 paused = True
             if paused:
-                timer.lap()  # logging, evaluation and saving are not part of the step time
+                timer.lap(sync=True)  # logging, evaluation and saving are not part of the step time
             if step < t.max_steps:
                 self._check_stop()
 

@@ -30,11 +30,17 @@ def test_bench_backends_table():
 
 def test_bench_step_runs_the_shipped_configs_and_variants(tmp_path):
     rows = run("bench_step.py", *TINY, "--steps", "1", "--warmup", "1", "--ds", "configs/zero2.json",
-               "--ds", "configs/zero2.json:zero_optimization.overlap_comm=false", "--profile", str(tmp_path))
-    names = [r.split("|")[1].strip() for r in rows[1:]]
-    assert names == ["plain PyTorch", "DeepSpeed configs/zero2.json",
-                     "DeepSpeed configs/zero2.json:zero_optimization.overlap_comm=false"]
-    assert len(list(tmp_path.glob("*.txt"))) == 3 and len(list(tmp_path.glob("*.trace.json"))) == 3
+               "--ds", "configs/zero2.json:zero_optimization.overlap_comm=false", "--ds-scan", "configs/zero2.json",
+               "--profile", str(tmp_path))
+    cells = {r.split("|")[1].strip(): [c.strip() for c in r.strip(" |").split("|")[1:]] for r in rows[1:]}
+    assert list(cells) == ["plain PyTorch", "DeepSpeed configs/zero2.json",
+                           "DeepSpeed configs/zero2.json:zero_optimization.overlap_comm=false",
+                           "DeepSpeed configs/zero2.json, DeepSpeed's overflow scan"]
+    ops = {name: int(c[-2].replace(",", "")) for name, c in cells.items()}
+    reads = {name: int(c[-1]) for name, c in cells.items()}
+    assert reads["plain PyTorch"] == 0
+    assert ops["DeepSpeed configs/zero2.json, DeepSpeed's overflow scan"] > ops["DeepSpeed configs/zero2.json"]
+    assert len(list(tmp_path.glob("*.txt"))) == 4 and len(list(tmp_path.glob("*.trace.json"))) == 4
 
 
 def test_check_numerics_passes_on_cpu():

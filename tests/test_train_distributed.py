@@ -68,3 +68,46 @@ def test_resume_continues_step_lr_alpha_and_data(stage_runs, tiny_data, tmp_path
         assert r["lr"] == ref["lr"] and r["alpha"] == ref["alpha"]
         # Same data position and state: the trajectory continues (bitwise exactness is the resume issue's).
         assert r["loss"] == pytest.approx(ref["loss"], abs=2e-2)
+
+
+LOOP_WORKER = r'''
+import sys
+from pascal_dist.config import load_config
+from pascal_dist.dispatch_count import DispatchCounter
+from pascal_dist.dist_env import detect
+from pascal_dist.trainer import Trainer
+
+data_dir, run_dir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+cfg = load_config(None, overrides + [f"data.dir={data_dir}", f"train.run_dir={run_dir}", "train.compile=false"])
+trainer = Trainer(cfg, "configs/zero2.json", detect())
+inside_engine = []
+engine_step = trainer.engine.step
+
+def counted_engine_step(*args, **kwargs):
+    with DispatchCounter() as c:
+        engine_step(*args, **kwargs)
+    inside_engine.append(c.host_reads)
+
+trainer.engine.step = counted_engine_step
+whole = []
+for attempt in range(3):
+    with DispatchCounter() as c:
+        trainer._one_step(attempt)
+        trainer._check_stop()
+    whole.append(c.host_reads)
+trainer.close()
+report({"whole": whole, "inside_engine": inside_engine})
+'''
+
+
+def test_the_training_loop_reads_nothing_back_per_step_beyond_deepspeeds_step(tiny_data, tmp_path):
+    """A step of the loop (micro-batches, engine steps, the stop vote) reads no device value on the host except
+    inside DeepSpeed's own step: each such read would stall a GPU. (Logging, evaluation and saves read, at their
+    intervals.)"""
+    from tests.helpers import run_torchrun
+
+    results = run_torchrun(tmp_path, LOOP_WORKER, tiny_data, str(tmp_path / "run"), *TINY)
+    for r in results:
+        assert len(r["inside_engine"]) == 3 * 2  # grad_accum=2 in TINY: two engine.step calls per step
+        per_step = [sum(r["inside_engine"][2 * i:2 * i + 2]) for i in range(3)]
+        assert r["whole"] == per_step, r
