@@ -46,13 +46,13 @@ def signature(fn, data: str, constants: dict) -> dict:
     return sig
 
 
-def compile_row(fn, data: str, constants: dict, warps: int, arch: int) -> str:
+def compile_row(fn, data: str, constants: dict, warps: int, arch: int, stages: int = 3) -> str:
     sig = signature(fn, data, constants)
     # what a real launch specializes on: pointers, strides and the head dim divisible by 16 (T, H need not be)
     aligned = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
                if t.startswith("*") or (t == "i32" and n not in ("T", "H"))}
     kernel = triton.compile(ASTSource(fn, sig, constants, attrs=aligned), target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=warps))
+                            options=dict(num_warps=warps, num_stages=stages))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -70,31 +70,40 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--kernels", default="fwd,dkdv,dq,band_fwd,band_bwd")
+    p.add_argument("--candidates", action="store_true",
+                   help="every fused tile candidate that bench/bench_attention.py --tiles times, not only the shipped")
     a = p.parse_args()
     dtype = getattr(torch, a.dtype)
     data = TYPES[dtype]
     fused = {"fwd": fa._fwd_kernel, "dkdv": fa._bwd_dkdv_kernel, "dq": fa._bwd_dq_kernel}
     print(f"\nTriton {triton.__version__}, sm_{a.arch}, {a.dtype}, window 3\n")
-    print("| kernel | head dim | dropout | tiles (M x N) | warps | registers | spilled bytes | shared KiB | matmul |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | head dim | dropout | tiles (M x N) | warps | stages | registers | spilled bytes | shared KiB "
+          "| matmul |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for D in map(int, a.head_dims.split(",")):
         for name in a.kernels.split(","):
             if name in fused:
+                shipped = fa.TILES[(name, 64 if D <= 64 else 128)]
                 for dropout in (False, True):
-                    opts = fa._blocks(D, name, dtype)
-                    warps = opts.pop("num_warps")
-                    constants = dict(WINDOW=3, DROPOUT=dropout, IEEE=dtype == torch.float32, **opts)
-                    if name == "dkdv":
-                        constants["WINDOW_P2"] = 4
-                    row = compile_row(fused[name], data, constants, warps, a.arch)
-                    print(f"| fused {name} | {D} | {dropout} | {opts['BLOCK_M']} x {opts['BLOCK_N']} | {warps} | {row} |")
+                    for m, n, warps, stages in fa.TILE_CANDIDATES[name] if a.candidates else [shipped]:
+                        opts = dict(fa.tiles(D, name, dtype), BLOCK_M=m, BLOCK_N=n)
+                        if dtype != torch.float32:
+                            opts.update(num_warps=warps, num_stages=stages)
+                        warps, stages = opts.pop("num_warps"), opts.pop("num_stages", 3)
+                        constants = dict(WINDOW=3, DROPOUT=dropout, IEEE=dtype == torch.float32, **opts)
+                        if name == "dkdv":
+                            constants["WINDOW_P2"] = 4
+                        row = compile_row(fused[name], data, constants, warps, a.arch, stages)
+                        print(f"| fused {name} | {D} | {dropout} | {opts['BLOCK_M']} x {opts['BLOCK_N']} | {warps} | "
+                              f"{stages} | {row} |")
             else:
                 backward = name == "band_bwd"
                 block_m, warps = bk._blocking(D, backward)
                 fn = bk._band_bwd_kernel if backward else bk._band_fwd_kernel
                 constants = dict(WINDOW=3, BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(D))
                 row = compile_row(fn, data, constants, warps, a.arch)
-                print(f"| banded {'backward' if backward else 'forward'} | {D} | - | {block_m} rows | {warps} | {row} |")
+                print(f"| banded {'backward' if backward else 'forward'} | {D} | - | {block_m} rows | {warps} | 3 | "
+                      f"{row} |")
     return 0
 
 

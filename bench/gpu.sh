@@ -2,16 +2,17 @@
 # Every GPU check of pascal-dist in one run, for a lent H100/H200 or your own card; each table is printed as its
 # stage ends (a cut-off run still shows what finished), full logs and tables in $OUT.
 #
-#   bash bench/gpu.sh                    # all stages: gpu tests + numerics, training step, attention backends
-#   GPU_STAGES=tests,step bash bench/gpu.sh; GPU_STAGES=backends bash bench/gpu.sh   # two calls of < 10 min each
+#   bash bench/gpu.sh          # all stages: attention op + tile sweep, gpu tests + numerics, training step, backends
+#   GPU_STAGES=attention,tests,step bash bench/gpu.sh; GPU_STAGES=backends bash bench/gpu.sh  # two calls, < 10 min each
 #   GPU_SWEEP=1: every backend and the ZeRO option sweep; GPU_PROFILE=1: a torch.profiler table per step row
 #
 # On a GPU machine without a package index: first, where pip works (same Python minor version as the GPU
 # machine's, 3.12 by default), `bash bench/gpu.sh wheels` writes .whl/ (DeepSpeed and what it and OmegaConf need
 # beyond a PyTorch image, pinned to the versions installed here); carry .whl/ along, it is installed into /tmp/site.
 #
-# What the stages measure: fused Pascal attention vs the unbiased SDPA ceiling at T=256 and T=1024 (full model
-# step); the full step plain compiled PyTorch vs the ZeRO engine (tokens/s, TFLOP/s, MFU, peak memory, ops and
+# What the stages measure: one attention layer, forward + backward, every backend vs unbiased SDPA flash, and the
+# fused kernels' tile candidates; fused Pascal attention vs the unbiased SDPA ceiling at T=256 and T=1024 (full
+# model step); the full step plain compiled PyTorch vs the ZeRO engine (tokens/s, TFLOP/s, MFU, peak memory, ops and
 # host reads per step); bf16 numerics on CUDA against float64 (GPU-marked tests, T up to 4096, head dim 128).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -38,7 +39,7 @@ fi
 
 OUT=${OUT:-bench-out}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}  # H100/H200 SXM bf16 dense
-STAGES=${GPU_STAGES:-tests,step,backends}
+STAGES=${GPU_STAGES:-attention,tests,step,backends}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -59,6 +60,9 @@ stage() {
 }
 
 sweep=${GPU_SWEEP:-0}
+if [[ $STAGES == *attention* ]]; then  # no torch.compile: a minute or two, and the kernel-level picture first
+  stage attention 240 python3 bench/bench_attention.py --tiles --backends none,fused,banded,banded:torch,sdpa,reference
+fi
 if [[ $STAGES == *tests* ]]; then
   stage gpu-tests 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model.py tests/test_band_kernels.py \
     tests/test_fused_attention.py

@@ -255,19 +255,27 @@ def dropout_mask(seed: Tensor, B: int, H: int, T: int, dropout_p: float) -> Tens
     return keep.bool()
 
 
-def _blocks(head_dim: int, kernel: str, dtype: torch.dtype) -> dict:
-    """Tile sizes per kernel ("fwd", "dq", "dkdv"), chosen from sm_90 compiles (Triton 3.9): for bf16/fp16 no
-    register spills with dropout on or off, and every matmul on Hopper's wgmma. Not yet from timings:
-    bench/bench_backends.py on a GPU is the judge. float32 (exact matmuls without tensor cores; tests and
-    debugging, not training) takes small tiles so that it fits in shared memory on any card."""
+# bf16/fp16 tiles per (kernel, head-dim class): (BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen from sm_90
+# compiles (Triton 3.9: no register spills with dropout on or off, every matmul on Hopper's wgmma), not yet from
+# timings: on a GPU, bench/bench_attention.py --tiles times TILE_CANDIDATES against these and prints the fastest.
+TILES = {("fwd", 64): (64, 64, 4, 3), ("fwd", 128): (128, 64, 8, 3),
+         ("dq", 64): (64, 64, 8, 3), ("dq", 128): (128, 32, 8, 3),
+         ("dkdv", 64): (32, 64, 8, 3), ("dkdv", 128): (32, 64, 8, 3)}
+TILE_CANDIDATES = {  # sm_90 compiles of each: bench/compile_kernels.py --candidates
+    "fwd": [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)],
+    "dq": [(64, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 4), (128, 32, 4, 3)],
+    "dkdv": [(32, 64, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 2), (16, 64, 4, 4), (64, 32, 4, 3)],
+}
+
+
+def tiles(head_dim: int, kernel: str, dtype: torch.dtype) -> dict:
+    """Launch options of `kernel` ("fwd", "dq", "dkdv") from TILES. float32 (exact matmuls without tensor cores;
+    tests and debugging, not training) takes small tiles so that it fits in shared memory on any card."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4)
-    small = head_dim <= 64
-    block_m, block_n, warps = {"fwd": (64, 64, 4) if small else (128, 64, 8),
-                               "dq": (64, 64, 8) if small else (128, 32, 8),
-                               "dkdv": (32, 64, 8)}[kernel]
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+    block_m, block_n, warps, stages = TILES[(kernel, 64 if head_dim <= 64 else 128)]
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
 
 
 # The forward draws its dropout seed inside: tagged nondeterministic_seeded, so that the compiler's partitioner
@@ -285,7 +293,7 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, dropout_p: float) 
         seed = torch.zeros(1, device=q.device, dtype=torch.int64)
     out = torch.empty((B, H, T, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-    opts = _blocks(D, "fwd", q.dtype)
+    opts = tiles(D, "fwd", q.dtype)
     grid = (triton.cdiv(T, opts["BLOCK_M"]), B * H)
     _fwd_kernel[grid](q, k, v, a.detach().float().contiguous(), seed, out, lse, *bht_strides(q, k, v),
                       H, T, D, 1.0 / math.sqrt(D), dropout_p,
@@ -312,12 +320,12 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     common = (*bht_strides(q, k, v), H, T, D, 1.0 / math.sqrt(D), dropout_p)
     flags = dict(WINDOW=a.numel(), DROPOUT=dropout_p > 0.0, IEEE=q.dtype == torch.float32)
     af = a.detach().float().contiguous()
-    opts = _blocks(D, "dkdv", q.dtype)
+    opts = tiles(D, "dkdv", q.dtype)
     n_blocks = triton.cdiv(T, opts["BLOCK_N"])
     partial = torch.empty(B * H * n_blocks, a.numel(), device=q.device, dtype=torch.float32)
     _bwd_dkdv_kernel[(n_blocks, B * H)](q, k, v, af, seed, do, lse, delta, dk, dv, partial, *common,
                                          WINDOW_P2=triton.next_power_of_2(a.numel()), **flags, **opts)
-    opts = _blocks(D, "dq", q.dtype)
+    opts = tiles(D, "dq", q.dtype)
     _bwd_dq_kernel[(triton.cdiv(T, opts["BLOCK_M"]), B * H)](q, k, v, af, seed, do, lse, delta, dq, *common,
                                                              **flags, **opts)
     return dq, dk, dv, partial.sum(0)

@@ -60,3 +60,20 @@ def test_compile_kernels_reports_registers_and_spills():
     for row in rows[1:]:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[0] == "fused fwd" and cells[6] == "0" and cells[8] == "wgmma", row
+
+
+def test_bench_attention_times_backends_and_checks_every_tile_candidate():
+    """Every fused tile candidate computes what the shipped tiles compute (ragged T, dropout on and off), so a GPU
+    session's tile sweep times only correct kernels; and the backend table has a row per backend and dropout."""
+    from tests.helpers import require_triton
+
+    require_triton(interpreter_from=(3, 9))
+    rows = run("bench_attention.py", "--shapes", "1x2x40x16", "--dtype", "float16", "--reps", "1", "--rounds", "1",
+               "--backends", "none,banded,fused", "--tiles")
+    backend_rows = [r for r in rows if r.count("|") == 7 and "backend" not in r]
+    assert [c.split("|")[3].strip() for c in backend_rows] == ["none", "banded", "fused"] * 2
+    tile_rows = [r for r in rows if r.split("|")[1].strip() in ("fwd", "dq", "dkdv")]
+    import pascal_dist.fused_attention as fa
+
+    assert len(tile_rows) == 2 * sum(len(c) for c in fa.TILE_CANDIDATES.values())
+    assert all(r.rstrip(" |").endswith("ok") for r in tile_rows), [r for r in tile_rows if "WRONG" in r]
