@@ -59,7 +59,7 @@ def test_compile_kernels_reports_registers_and_spills():
     assert len(rows) == 3, rows  # header + dropout off/on
     for row in rows[1:]:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[0] == "fused fwd" and cells[6] == "0" and cells[8] == "wgmma", row
+        assert cells[0] == "fused fwd" and cells[7] == "0" and cells[9] == "wgmma", row
 
 
 def test_bench_attention_times_backends_and_checks_every_tile_candidate():
