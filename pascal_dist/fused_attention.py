@@ -53,11 +53,11 @@ def _load_kv(K, V, rows, offs_d, sk_t, sv_t, T, D):
 
 
 @triton.jit
-def _load_query_rows(Q, DO, L, DELTA, rows, offs_d, sq_t, T, D):
+def _load_query_rows(Q, DO, L, DELTA, rows, offs_d, sq_t, sdo_t, T, D):
     """What the backward needs of query rows `rows` of one head: q, dO, logsumexp, D_i = dO_i . O_i, and the
     mask. Rows past T read dO = 0, so they add nothing to any gradient."""
     q_ptrs, mask = _tile(Q, rows, offs_d, sq_t, T, D)
-    do_ptrs, _ = _tile(DO, rows, offs_d, D, T, D)
+    do_ptrs, _ = _tile(DO, rows, offs_d, sdo_t, T, D)
     in_t = rows < T
     return (tl.load(q_ptrs, mask=mask, other=0.0), tl.load(do_ptrs, mask=mask, other=0.0),
             tl.load(L + rows, mask=in_t, other=0.0), tl.load(DELTA + rows, mask=in_t, other=0.0), mask)
@@ -114,7 +114,8 @@ def _fwd_block(acc, l_i, m_i, q, K, V, A, seed, bh, sk_t, sv_t, offs_m, offs_d, 
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, A, SEED, O, L, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, H, T, D, scale, p_drop,
+def _fwd_kernel(Q, K, V, A, SEED, O, L, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t, H, T, D,
+                scale, p_drop,
                 WINDOW: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
@@ -137,17 +138,17 @@ def _fwd_kernel(Q, K, V, A, SEED, O, L, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b
                                    scale, p_drop, WINDOW, DROPOUT, True, IEEE, BLOCK_M, BLOCK_N)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
-    o_ptrs, o_mask = _tile(O + bh.to(tl.int64) * T * D, offs_m, offs_d, D, T, D)
+    o_ptrs, o_mask = _tile(_head(O, bh, H, so_b, so_h), offs_m, offs_d, so_t, T, D)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_mask)
     tl.store(L + bh.to(tl.int64) * T + offs_m, m_i + tl.log(l_i), mask=offs_m < T)
 
 
 @triton.jit
-def _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, offs_n, start_n, offs_d, start_m, T, D,
-                scale, p_drop, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, sdo_t, offs_n, start_n, offs_d, start_m, T,
+                D, scale, p_drop, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+                IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q, do, lse, delta, _ = _load_query_rows(Q, DO, L, DELTA, offs_m, offs_d, sq_t, T, D)
+    q, do, lse, delta, _ = _load_query_rows(Q, DO, L, DELTA, offs_m, offs_d, sq_t, sdo_t, T, D)
     p = tl.exp(_scores(q, k, offs_m, offs_n, A, scale, T, WINDOW, MASKED, IEEE) - lse[:, None])
     dp = _dot(do, tl.trans(v), IEEE)
     if DROPOUT:
@@ -167,8 +168,8 @@ def _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, offs
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, A, SEED, DO, L, DELTA, DK, DV, DA, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
-                     H, T, D, scale, p_drop, WINDOW: tl.constexpr, WINDOW_P2: tl.constexpr, DROPOUT: tl.constexpr,
-                     IEEE: tl.constexpr,
+                     sdo_b, sdo_h, sdo_t, H, T, D, scale, p_drop, WINDOW: tl.constexpr, WINDOW_P2: tl.constexpr,
+                     DROPOUT: tl.constexpr, IEEE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Key block n of one (b, h): dk, dv over every query i >= j, and this block's share of d a."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
@@ -177,7 +178,7 @@ def _bwd_dkdv_kernel(Q, K, V, A, SEED, DO, L, DELTA, DK, DV, DA, sq_b, sq_h, sq_
     offs_d = tl.arange(0, BLOCK_D)
     k, v, kv_mask = _load_kv(_head(K, bh, H, sk_b, sk_h), _head(V, bh, H, sv_b, sv_h), offs_n, offs_d, sk_t, sv_t, T, D)
     row0 = bh.to(tl.int64) * T  # int64: B*H*T*d passes 2**31 at long sequences
-    Q, DO, L, DELTA = _head(Q, bh, H, sq_b, sq_h), DO + row0 * D, L + row0, DELTA + row0
+    Q, DO, L, DELTA = _head(Q, bh, H, sq_b, sq_h), _head(DO, bh, H, sdo_b, sdo_h), L + row0, DELTA + row0
     seed = tl.load(SEED)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -186,11 +187,13 @@ def _bwd_dkdv_kernel(Q, K, V, A, SEED, DO, L, DELTA, DK, DV, DA, sq_b, sq_h, sq_
     first = start_n // BLOCK_M * BLOCK_M  # causal: queries i >= the first key
     mid = tl.minimum(tl.cdiv(start_n + BLOCK_N + WINDOW - 1, BLOCK_M) * BLOCK_M, T)  # from here: no band, no mask
     for start_m in range(first, mid, BLOCK_M):
-        dk, dv, da = _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, offs_n, start_n, offs_d,
-                                 start_m, T, D, scale, p_drop, WINDOW, DROPOUT, True, IEEE, BLOCK_M, BLOCK_N)
+        dk, dv, da = _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, sdo_t, offs_n, start_n,
+                                 offs_d, start_m, T, D, scale, p_drop, WINDOW, DROPOUT, True, IEEE, BLOCK_M,
+                                 BLOCK_N)
     for start_m in range(mid, T, BLOCK_M):
-        dk, dv, da = _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, offs_n, start_n, offs_d,
-                                 start_m, T, D, scale, p_drop, WINDOW, DROPOUT, False, IEEE, BLOCK_M, BLOCK_N)
+        dk, dv, da = _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, sdo_t, offs_n, start_n,
+                                 offs_d, start_m, T, D, scale, p_drop, WINDOW, DROPOUT, False, IEEE, BLOCK_M,
+                                 BLOCK_N)
     dk_ptrs, _ = _tile(DK + bh.to(tl.int64) * T * D, offs_n, offs_d, D, T, D)
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     dv_ptrs, _ = _tile(DV + bh.to(tl.int64) * T * D, offs_n, offs_d, D, T, D)
@@ -213,16 +216,16 @@ def _dq_block(dq, q, do, lse, delta, K, V, A, seed, bh, sk_t, sv_t, offs_m, offs
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, A, SEED, DO, L, DELTA, DQ, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, H,
-                   T, D, scale, p_drop, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_dq_kernel(Q, K, V, A, SEED, DO, L, DELTA, DQ, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b,
+                   sdo_h, sdo_t, H, T, D, scale, p_drop, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row0 = bh.to(tl.int64) * T  # int64: B*H*T*d passes 2**31 at long sequences
-    q, do, lse, delta, q_mask = _load_query_rows(_head(Q, bh, H, sq_b, sq_h), DO + row0 * D, L + row0, DELTA + row0,
-                                                 offs_m, offs_d, sq_t, T, D)
+    q, do, lse, delta, q_mask = _load_query_rows(_head(Q, bh, H, sq_b, sq_h), _head(DO, bh, H, sdo_b, sdo_h), L + row0,
+                                                 DELTA + row0, offs_m, offs_d, sq_t, sdo_t, T, D)
     K, V = _head(K, bh, H, sk_b, sk_h), _head(V, bh, H, sv_b, sv_h)
     seed = tl.load(SEED)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -278,6 +281,14 @@ def tiles(head_dim: int, kernel: str, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
 
 
+def _output_like(q: Tensor) -> Tensor:
+    """An empty (B, H, T, d) output laid out as (B, T, H, d) in memory: the model's transpose back to (B, T, C) is
+    then free, the tensor kept for the backward is the one the output projection keeps anyway (one activation
+    per layer less), and its gradient arrives in the same layout (no copy in the backward either)."""
+    B, H, T, D = q.shape
+    return torch.empty((B, T, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
+
+
 # The forward draws its dropout seed inside: tagged nondeterministic_seeded, so that the compiler's partitioner
 # saves the seed instead of re-running the op in backward (activation checkpointing), which would draw another.
 @torch.library.custom_op("pascal_dist::fused_band_attention", mutates_args=(),
@@ -291,11 +302,11 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, dropout_p: float) 
         seed = torch.randint(0, 2 ** 62, (1,), device=q.device, dtype=torch.int64)
     else:
         seed = torch.zeros(1, device=q.device, dtype=torch.int64)
-    out = torch.empty((B, H, T, D), device=q.device, dtype=q.dtype)
+    out = _output_like(q)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     opts = tiles(D, "fwd", q.dtype)
     grid = (triton.cdiv(T, opts["BLOCK_M"]), B * H)
-    _fwd_kernel[grid](q, k, v, a.detach().float().contiguous(), seed, out, lse, *bht_strides(q, k, v),
+    _fwd_kernel[grid](q, k, v, a.detach().float().contiguous(), seed, out, lse, *bht_strides(q, k, v, out),
                       H, T, D, 1.0 / math.sqrt(D), dropout_p,
                       WINDOW=a.numel(), DROPOUT=dropout_p > 0.0, IEEE=q.dtype == torch.float32, **opts)
     return out, lse, seed
@@ -304,7 +315,7 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, dropout_p: float) 
 @fused_forward.register_fake
 def _fused_forward_fake(q, k, v, a, dropout_p):
     B, H, T, D = q.shape
-    return (q.new_empty((B, H, T, D)), q.new_empty((B, H, T), dtype=torch.float32),
+    return (_output_like(q), q.new_empty((B, H, T), dtype=torch.float32),
             q.new_empty((1,), dtype=torch.int64))
 
 
@@ -313,11 +324,11 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
                    dropout_p: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv) in q's dtype and d a (window,) float32."""
     q, k, v = (inner_contiguous(x) for x in (q, k, v))
-    do = do.contiguous()
+    do = inner_contiguous(do)  # usually (B, T, H, d) memory, as the output projection's gradient arrives
     B, H, T, D = q.shape
     delta = (do.float() * out.float()).sum(-1).contiguous()  # D_i = dO_i . O_i, (B, H, T)
     dq, dk, dv = (torch.empty((B, H, T, D), device=q.device, dtype=q.dtype) for _ in range(3))
-    common = (*bht_strides(q, k, v), H, T, D, 1.0 / math.sqrt(D), dropout_p)
+    common = (*bht_strides(q, k, v, do), H, T, D, 1.0 / math.sqrt(D), dropout_p)
     flags = dict(WINDOW=a.numel(), DROPOUT=dropout_p > 0.0, IEEE=q.dtype == torch.float32)
     af = a.detach().float().contiguous()
     opts = tiles(D, "dkdv", q.dtype)

@@ -77,3 +77,12 @@ def test_bench_attention_times_backends_and_checks_every_tile_candidate():
 
     assert len(tile_rows) == 2 * sum(len(c) for c in fa.TILE_CANDIDATES.values())
     assert all(r.rstrip(" |").endswith("ok") for r in tile_rows), [r for r in tile_rows if "WRONG" in r]
+
+
+def test_bench_memory_counts_the_fused_output_layout():
+    """Fake tensors, no GPU: `fused` keeps no more activations than unbiased flash SDPA (its output is laid out
+    for the output projection, so no copy of it is kept), and the dense reference keeps more (T x T per layer)."""
+    rows = run("bench_memory.py", "--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--block-size", "128",
+               "--batch", "8", "--vocab", "64", "--backends", "none,fused,reference", "--dropouts", "0")
+    ratio = {r.split("|")[1].strip(): float(r.split("|")[5]) for r in rows[1:]}
+    assert ratio["none"] == 1.0 and ratio["fused"] <= 1.0 < ratio["reference"], ratio

@@ -81,6 +81,20 @@ def test_model_equals_reference_backend():
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_output_is_laid_out_for_the_output_projection():
+    """The output's memory is (B, T, H, d), so the model's transpose back to (B, T, C) copies nothing; the
+    compiler's fake output has the same strides (else a compiled graph would read it wrongly)."""
+    from pascal_dist.fused_attention import fused_forward
+
+    q, k, v = (torch.randn(2, 3, 20, 16) for _ in range(3))
+    a = torch.tensor([0.7, 1.4, 0.2])
+    out = fused_forward(q, k, v, a, 0.0)[0]
+    assert out.shape == (2, 3, 20, 16) and out.transpose(1, 2).is_contiguous()
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = fused_forward(*(mode.from_tensor(t) for t in (q, k, v, a)), 0.0)[0]
+    assert fake.stride() == out.stride()
+
+
 def with_attn_dropout(model, p):
     for block in model.blocks:
         block.attn.attn_dropout = p

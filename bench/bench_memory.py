@@ -1,0 +1,82 @@
+"""Activation memory of one training step per attention backend, counted without a GPU, as a Markdown table.
+
+The model runs forward and backward on fake tensors (shapes, dtypes and allocations, no data: the SPEC model at
+batch 64 takes a second) while torch's MemTracker follows every allocation. What it counts is what the eager
+program allocates on any device; torch.compile usually saves some of it, and kernel workspaces are not seen.
+The ZeRO-2 engine adds its optimizer states on top (fp32 master, Adam moments, fp32 gradient partition,
+bucket buffers): about 20 bytes per parameter, in the last column. SDPA picks its kernel by device: with
+attention dropout on, on a CPU it takes the math path (T x T probabilities and mask per layer), on a GPU flash,
+so `none`, `sdpa` and `banded` rows with dropout count more than a GPU allocates; `fused` and `reference` run
+the same code everywhere.
+
+    python bench/bench_memory.py                     # SPEC model, T=256 x batch 64, bf16
+    python bench/bench_memory.py --block-size 1024 --batch 16
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from pascal_dist.model import PascalGPT
+from pascal_dist.schema import AttentionConfig, ModelConfig
+
+ZERO2_BYTES_PER_PARAM = 4 + 8 + 4 + 2 + 2  # fp32 master, Adam m and v, fp32 gradient partition, bf16 param + bucket
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backends", default="none,banded,fused,sdpa,reference")
+    p.add_argument("--dropouts", default="0,0.1")
+    p.add_argument("--n-layer", type=int, default=12)
+    p.add_argument("--n-embd", type=int, default=768)
+    p.add_argument("--n-head", type=int, default=12)
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=8192)
+    return p.parse_args()
+
+
+def peak_gib(a: argparse.Namespace, backend: str, dropout: float) -> tuple[float, float, int]:
+    """(peak GiB of the step, of which activations and temporaries, parameter count) in bf16."""
+    cfg = ModelConfig(vocab_size=a.vocab, block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
+                      n_embd=a.n_embd, dropout=dropout, attn_dropout=dropout, attention=AttentionConfig(backend=backend))
+    with FakeTensorMode():
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            model = PascalGPT(cfg)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        x = torch.randint(0, cfg.vocab_size, (a.batch, a.block_size))
+        tracker = MemTracker()
+        tracker.track_external(model, x)
+        with tracker:
+            _, loss = model(x, x)
+            loss.backward()
+        peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    by_kind = {str(k).rsplit(".", 1)[-1]: v / 2**30 for k, v in peak.items()}
+    return by_kind["Total"], by_kind.get("ACT", 0.0) + by_kind.get("TEMP", 0.0), model.num_params()
+
+
+def main() -> None:
+    a = parse()
+    # No kernel runs on fake tensors (the fused op's registered fake stands in), so `fused` needs no GPU here.
+    os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+    print(f"\nL={a.n_layer} d={a.n_embd} h={a.n_head} T={a.block_size} B={a.batch} V={a.vocab}, bf16, eager, "
+          "fake tensors\n")
+    print("| backend | dropout | step peak GiB | of which activations | ratio vs none | + ZeRO-2 states GiB |\n"
+          "|---|---|---|---|---|---|")
+    names = a.backends.split(",")
+    for dropout in map(float, a.dropouts.split(",")):
+        rows = {name: peak_gib(a, name, dropout) for name in names}
+        base = rows.get("none", rows[names[0]])[0]
+        for name, (total, act, n_params) in rows.items():
+            states = n_params * ZERO2_BYTES_PER_PARAM / 2**30
+            print(f"| {name} | {dropout:g} | {total:.2f} | {act:.2f} | {total / base:.2f} | {total + states:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
