@@ -124,6 +124,14 @@ def inner_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def output_like(q: Tensor) -> Tensor:
+    """An empty (B, H, T, d) attention output laid out as (B, T, H, d) in memory, as flash SDPA lays out its own:
+    the model's transpose back to (B, T, C) is then free, and the tensor the kernel keeps for the backward is the
+    one the output projection keeps anyway (else a copy of it per layer)."""
+    B, H, T, D = q.shape
+    return torch.empty((B, T, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
+
+
 def bht_strides(*xs: Tensor) -> tuple[int, ...]:
     """Batch, head and time strides of each (B, H, T, d) tensor, in order, flat (kernel arguments)."""
     return tuple(stride for x in xs for stride in x.stride()[:3])
@@ -144,7 +152,7 @@ def band_forward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, a: Ten
     """(O', L') from the unbiased flash (O, L): O' in q's dtype, L' in lse's dtype and layout."""
     q, k, v, o = (inner_contiguous(x) for x in (q, k, v, o))
     B, H, T, D = q.shape
-    out, lse_out = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(lse)
+    out, lse_out = output_like(q), torch.empty_like(lse)
     c = torch.expm1(a.detach().float()).contiguous()
     grid, opts = _launch(q, backward=False)
     _band_fwd_kernel[grid](q, k, v, o, lse, c, out, lse_out, *bht_strides(q, k, v, o, out),
@@ -154,7 +162,7 @@ def band_forward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, a: Ten
 
 @band_forward.register_fake
 def _band_forward_fake(q, k, v, o, lse, a, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(lse)
+    return output_like(q), torch.empty_like(lse)
 
 
 @torch.library.custom_op("pascal_dist::band_backward", mutates_args=())

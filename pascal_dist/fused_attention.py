@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from pascal_dist.attention import band_vector, register_backend
-from pascal_dist.band_kernels import bht_strides, inner_contiguous
+from pascal_dist.band_kernels import bht_strides, inner_contiguous, output_like
 
 
 @triton.jit
@@ -281,14 +281,6 @@ def tiles(head_dim: int, kernel: str, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
 
 
-def _output_like(q: Tensor) -> Tensor:
-    """An empty (B, H, T, d) output laid out as (B, T, H, d) in memory: the model's transpose back to (B, T, C) is
-    then free, the tensor kept for the backward is the one the output projection keeps anyway (one activation
-    per layer less), and its gradient arrives in the same layout (no copy in the backward either)."""
-    B, H, T, D = q.shape
-    return torch.empty((B, T, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
-
-
 # The forward draws its dropout seed inside: tagged nondeterministic_seeded, so that the compiler's partitioner
 # saves the seed instead of re-running the op in backward (activation checkpointing), which would draw another.
 @torch.library.custom_op("pascal_dist::fused_band_attention", mutates_args=(),
@@ -302,7 +294,7 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, dropout_p: float) 
         seed = torch.randint(0, 2 ** 62, (1,), device=q.device, dtype=torch.int64)
     else:
         seed = torch.zeros(1, device=q.device, dtype=torch.int64)
-    out = _output_like(q)
+    out = output_like(q)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     opts = tiles(D, "fwd", q.dtype)
     grid = (triton.cdiv(T, opts["BLOCK_M"]), B * H)
@@ -315,7 +307,7 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, a: Tensor, dropout_p: float) 
 @fused_forward.register_fake
 def _fused_forward_fake(q, k, v, a, dropout_p):
     B, H, T, D = q.shape
-    return (_output_like(q), q.new_empty((B, H, T), dtype=torch.float32),
+    return (output_like(q), q.new_empty((B, H, T), dtype=torch.float32),
             q.new_empty((1,), dtype=torch.int64))
 
 

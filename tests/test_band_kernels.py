@@ -47,6 +47,19 @@ def test_half_precision_matches_float64_reference(triton_kernels, dtype, tol):
             f"{dtype} {label}: {rel_err(x, r)}"
 
 
+def test_output_is_laid_out_for_the_output_projection():
+    """As flash SDPA's own output: (B, T, H, d) memory, so the model's transpose back copies nothing; the fake
+    (what torch.compile plans with) has the same strides."""
+    q, k, v = (torch.randn(2, 3, 20, 16) for _ in range(3))
+    a = torch.tensor([0.7, 1.4, 0.2])
+    o, lse, _ = _flash_forward(q, k, v, 0.25)
+    out = band_kernels.band_forward(q, k, v, o, lse, a, 0.25)[0]
+    assert out.transpose(1, 2).is_contiguous()
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = band_kernels.band_forward(*(mode.from_tensor(t) for t in (q, k, v, o, lse, a)), 0.25)[0]
+    assert fake.stride() == out.stride()
+
+
 def test_agrees_with_the_pytorch_ops_on_strided_inputs():
     """The model hands over q, k, v as (B, T, H, d) transposed views; both implementations must read them alike."""
     g = torch.Generator().manual_seed(4)
