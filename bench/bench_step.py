@@ -2,8 +2,8 @@
 
 Same model, same random tokens, one process; the ratio is tokens/s over the plain loop's. On a GPU it also
 reports model TFLOP/s (6N + 12 L d T per token), MFU against --peak-tflops, and peak memory. On any machine it
-counts, for one step run eagerly, the ops dispatched (kernel launches on a GPU) and the host reads (each one
-stalls the GPU until the CPU catches up): the engine's overhead in launches and stalls, before a GPU times it.
+counts, for one step run eagerly, the ops dispatched (kernel launches on a GPU) and the host waits (reads of
+device values and device synchronizes: each one stalls the GPU until the CPU catches up): the engine's overhead in launches and stalls, before a GPU times it.
 The engine rows
 run the project's own configs/zero*.json (what `launcher/train.py` runs), or variants given with --ds, e.g.
 
@@ -96,7 +96,7 @@ def timed(step, a: argparse.Namespace, name: str, before_gib: float) -> dict:
     with torch.compiler.set_stance("force_eager"), DispatchCounter() as counted:
         step()
     sync()
-    return {"seconds": seconds, "peak": peak, "launches": counted.launches, "host_reads": counted.host_reads,
+    return {"seconds": seconds, "peak": peak, "launches": counted.launches, "host_waits": counted.host_waits,
             "top": counted.top(8)}
 
 
@@ -186,15 +186,15 @@ def main() -> None:
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{card}, torch {torch.__version__}, L={a.n_layer} d={a.n_embd} T={a.block_size} B={a.batch}, "
           f"backend {a.backend}, dropout {a.dropout:g}, compile={a.compile}, {a.steps} timed steps after {a.warmup}; "
-          f"ops and host reads counted in one eager step\n")
-    print("| loop | ms/step | tokens/s | ratio | model TFLOP/s | MFU | peak GiB | ops/step | host reads/step |\n"
+          f"ops and host waits counted in one eager step\n")
+    print("| loop | ms/step | tokens/s | ratio | model TFLOP/s | MFU | peak GiB | ops/step | host waits/step |\n"
           "|---|---|---|---|---|---|---|---|---|")
     base = rows[0][1]["seconds"]
     for name, r in rows:
         tflops = flops_per_token * tokens / r["seconds"] / 1e12
         mfu = f"{tflops / a.peak_tflops:.1%}" if a.peak_tflops else "-"
         print(f"| {name} | {r['seconds'] * 1e3:.1f} | {tokens / r['seconds']:,.0f} | {base / r['seconds']:.2f} | "
-              f"{tflops:.2f} | {mfu} | {r['peak']:.2f} | {r['launches']:,} | {r['host_reads']} |")
+              f"{tflops:.2f} | {mfu} | {r['peak']:.2f} | {r['launches']:,} | {r['host_waits']} |")
     print("\nmost frequent ops per row: " + "; ".join(
         f"{name}: " + ", ".join(f"{op} {n}" for op, n in r["top"][:5]) for name, r in rows))
 

@@ -73,7 +73,7 @@ if [[ $STAGES == *step* ]]; then
   z2=configs/zero2.json
   ds=(--ds "$z2" --ds-scan "$z2")  # the second: what DeepSpeed's per-tensor overflow scan costs
   if [ "$sweep" = 1 ]; then
-    ds+=(--ds configs/zero1.json --ds configs/zero3.json --ds "$z2:zero_optimization.overlap_comm=false"
+    ds+=(--ds configs/zero1.json --ds configs/zero3.json --ds "$z2:zero_optimization.overlap_comm=true"
          --ds "$z2:zero_optimization.contiguous_gradients=false" --ds "$z2:zero_optimization.reduce_bucket_size=5e8")
   fi
   profile=()

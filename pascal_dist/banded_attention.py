@@ -156,7 +156,6 @@ class BandedFlashAttention(torch.autograd.Function):
     def backward(ctx: Any, do: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         q, k, v, a, out, lse = ctx.saved_tensors
         with torch.autocast(q.device.type, enabled=False):
-            do = do.contiguous()
             dq, dk, dv = _flash_backward(do, q, k, v, out, lse, ctx.scale, ctx.extras)  # exact off the band
             _, band_backward = _correction(ctx.use_triton)
             dq, dk, dv, da = band_backward(q, k, v, out, lse, do, dq, dk, dv, a, ctx.scale)

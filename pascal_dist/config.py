@@ -155,4 +155,11 @@ def load_ds_config(path: str, cfg: RunConfig, world_size: int) -> dict:
             raise ConfigError(f"{path}: {ds_key}={theirs} disagrees with {our_key}={ours[ds_key]} "
                               f"(world size {world_size}); remove it from the ds_config or make them equal")
         ds[ds_key] = ours[ds_key]
+    # DeepSpeed's throughput timer synchronises the GPU at every forward and step (the trainer times steps itself)
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
+    zero = ds.get("zero_optimization", {})
+    if zero.get("overlap_comm") == "auto":
+        # Overlapping reductions with the backward pays across ranks; on one there is nothing to overlap, and the
+        # overlap path synchronises the device at the end of every backward.
+        zero["overlap_comm"] = world_size > 1
     return ds

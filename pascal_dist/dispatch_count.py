@@ -1,13 +1,18 @@
-"""Counts what a piece of code asks of the device: ops dispatched (kernel launches on a GPU) and host reads.
+"""Counts what a piece of code asks of the device: ops dispatched (kernel launches on a GPU) and host waits.
 
-A host read (`.item()`, `bool(tensor)`, `.cpu()`, an op whose output size depends on values) makes the CPU wait
-for the device to finish everything queued so far; while the CPU then prepares the next kernels the GPU idles.
-Both counts are properties of the program, not of the machine, so a CPU can tell how many launches and stalls
-a training step will cost on a GPU before one is at hand. Ops inside a torch.compile'd region are not seen
-one by one (count eager code).
+A host wait makes the CPU wait for the device to finish everything queued so far, while the GPU then idles as
+the CPU prepares the next kernels: a read of a device value (`.item()`, `bool(tensor)`, `.cpu()`, an op whose
+output size depends on values) or a device synchronize (`torch.cuda.synchronize`, DeepSpeed's accelerator
+`synchronize`, counted on any machine). These counts are properties of the program, not of the machine, so a
+CPU can tell how many launches and stalls a training step will cost on a GPU before one is at hand.
+
+Not seen: ops inside a torch.compile'd region one by one (count eager code), the value reads hidden inside an
+op (a boolean-mask index), blocking host-to-device copies, and waits on one event or stream (partial, and
+usually on work long finished). On a CPU-only machine a `.cpu()` copy is not seen either (nothing moves).
 """
 from __future__ import annotations
 
+import sys
 from collections import Counter
 
 import torch
@@ -24,12 +29,50 @@ _NO_KERNEL = {"view", "_unsafe_view", "reshape", "expand", "as_strided", "t", "t
 
 
 class DispatchCounter(TorchDispatchMode):
-    """`with DispatchCounter() as c: step()`, then `c.launches`, `c.host_reads` and `c.top(10)`."""
+    """`with DispatchCounter() as c: step()`, then `c.launches`, `c.host_waits` (`c.host_reads` +
+    `c.device_syncs`) and `c.top(10)`."""
 
     def __init__(self):
         super().__init__()
         self.ops: Counter[str] = Counter()
         self.host_reads = 0
+        self.device_syncs = 0
+        self._patched: list[tuple[object, str, object, bool]] = []
+        self._in_sync = False
+
+    @property
+    def host_waits(self) -> int:
+        return self.host_reads + self.device_syncs
+
+    def __enter__(self):
+        targets = [(torch.cuda, "synchronize")]
+        if "deepspeed.accelerator" in sys.modules:  # DeepSpeed syncs through its accelerator (a no-op on CPU)
+            targets.append((sys.modules["deepspeed.accelerator"].get_accelerator(), "synchronize"))
+        for owner, name in targets:
+            original = getattr(owner, name)
+            self._patched.append((owner, name, original, name in vars(owner)))
+            setattr(owner, name, self._counting(original))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for owner, name, original, own_attribute in reversed(self._patched):
+            if own_attribute:
+                setattr(owner, name, original)
+            else:  # a method of the class: drop the instance's shadow
+                delattr(owner, name)
+        self._patched.clear()
+        return super().__exit__(*exc)
+
+    def _counting(self, synchronize):
+        def counted(*args, **kwargs):
+            if self._in_sync:  # DeepSpeed's CUDA accelerator calls torch.cuda.synchronize: one wait, not two
+                return synchronize(*args, **kwargs)
+            self._in_sync, self.device_syncs = True, self.device_syncs + 1
+            try:
+                return synchronize(*args, **kwargs)
+            finally:
+                self._in_sync = False
+        return counted
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -87,12 +87,17 @@ def skip_redundant_overflow_scan(optimizer) -> bool:
     that is not finite skips the step on every rank (the norm is all-reduced, so every rank decides alike). Any
     inf or NaN gradient makes that norm inf or NaN, so in bf16 the scan finds nothing the norm check would not;
     DeepSpeed's ZeRO-3 relies on the norm alone in bf16. Applied only where that norm check runs (bf16, the norm
-    computed, no CPU offload); returns whether it was.
+    computed, no CPU offload) in the DeepSpeed versions read and tested for it (tests/test_engine.py: older ones
+    lack the norm check); returns whether it was.
     """
+    import deepspeed
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from packaging.version import Version
 
-    applies = (isinstance(optimizer, DeepSpeedZeroOptimizer) and optimizer.dtype == torch.bfloat16
-               and optimizer.check_grad_overflow and optimizer.compute_grad_norm and not optimizer.cpu_offload)
+    checked = Version("0.19.8") <= Version(deepspeed.__version__) < Version("0.20")
+    applies = (checked and isinstance(optimizer, DeepSpeedZeroOptimizer) and optimizer.dtype == torch.bfloat16
+               and getattr(optimizer, "check_grad_overflow", False) and getattr(optimizer, "compute_grad_norm", False)
+               and not optimizer.cpu_offload)
     if applies:
         optimizer.check_overflow = lambda partition_gradients=True: None  # step() then sets overflow from the norm
     return applies

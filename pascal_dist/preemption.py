@@ -2,8 +2,8 @@
 
 A signal only sets a flag; the training loop turns it into a decision shared by every rank (a vote all-reduced
 at each step boundary and read at the next, so that no step waits for it), finishes the step, checkpoints, and
-exits with EXIT_PREEMPTED so that a job script can requeue. A signal that reaches only some ranks (the deepspeed launcher forwards SIGTERM one rank at a time)
-still stops all of them together.
+exits with EXIT_PREEMPTED so that a job script can requeue. A signal that reaches only some ranks (the deepspeed
+launcher forwards SIGTERM one rank at a time) still stops all of them together.
 """
 from __future__ import annotations
 
@@ -52,11 +52,13 @@ class StopWatch:
         return _received[0] if _received else None
 
     def reason(self, slowest_step_s: float, save_s: float) -> int:
-        """SIGNALLED, TIME_LIMIT if another step plus a save might not fit in the limit, else NONE."""
+        """SIGNALLED, TIME_LIMIT if the steps until the stop plus a save might not fit in the limit, else NONE."""
         if self.signal_name is not None:
             return SIGNALLED
         if self.time_limit_s > 0:
-            margin = 2 * slowest_step_s + 2 * save_s  # generous: a missed deadline loses everything since the last save
+            # the decision is acted on a step after it is taken (StopVote), then a save; generous beyond that:
+            # a missed deadline loses everything since the last save
+            margin = 3 * slowest_step_s + 2 * save_s
             if time.monotonic() - self.start + margin >= self.time_limit_s:
                 return TIME_LIMIT
         return NONE
@@ -74,7 +76,8 @@ class StopVote:
     def cast(self, reason: int) -> None:
         """Start reducing this rank's reason; every rank casts at the same boundaries, in the same order."""
         self.result()  # at most one vote in flight: collectives must be issued in the same order on every rank
-        vote = torch.tensor([reason], dtype=torch.int64, device=self.device)
+        # a fill kernel: torch.tensor([reason], device=cuda) would copy from pageable memory and wait for the GPU
+        vote = torch.full((1,), reason, dtype=torch.int64, device=self.device)
         work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, async_op=True)
         if self.device.type == "cuda":
             work.wait()  # orders the copy after the collective on the stream; the host does not wait

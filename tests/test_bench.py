@@ -37,8 +37,8 @@ def test_bench_step_runs_the_shipped_configs_and_variants(tmp_path):
                            "DeepSpeed configs/zero2.json:zero_optimization.overlap_comm=false",
                            "DeepSpeed configs/zero2.json, DeepSpeed's overflow scan"]
     ops = {name: int(c[-2].replace(",", "")) for name, c in cells.items()}
-    reads = {name: int(c[-1]) for name, c in cells.items()}
-    assert reads["plain PyTorch"] == 0
+    waits = {name: int(c[-1]) for name, c in cells.items()}
+    assert waits["plain PyTorch"] == 0
     assert ops["DeepSpeed configs/zero2.json, DeepSpeed's overflow scan"] > ops["DeepSpeed configs/zero2.json"]
     assert len(list(tmp_path.glob("*.txt"))) == 4 and len(list(tmp_path.glob("*.trace.json"))) == 4
 

@@ -24,6 +24,25 @@ def test_every_shipped_ds_config_fills_in_batch_sizes(path):
     assert ds["zero_optimization"]["stage"] in (1, 2, 3)
 
 
+@pytest.mark.parametrize("path", sorted(glob.glob("configs/*.json")))
+def test_shipped_ds_configs_keep_deepspeed_from_waiting_on_the_gpu(path):
+    """No throughput-timer synchronizes; reductions overlap the backward only where there are other ranks."""
+    cfg = load_config("configs/demo.yaml")
+    for world_size in (1, 2):
+        ds = load_ds_config(path, cfg, world_size=world_size)
+        assert ds["timers"] == {"throughput": {"enabled": False}}
+        assert ds["zero_optimization"].get("overlap_comm", False) in (False, world_size > 1)
+        assert json.load(open(path))["zero_optimization"].get("overlap_comm", "auto") == "auto"
+
+
+def test_a_ds_config_of_ones_own_keeps_its_timers_and_overlap(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"timers": {"throughput": {"enabled": True}},
+                                "zero_optimization": {"stage": 2, "overlap_comm": True}}))
+    ds = load_ds_config(str(path), load_config("configs/demo.yaml"), world_size=1)
+    assert ds["timers"]["throughput"]["enabled"] is True and ds["zero_optimization"]["overlap_comm"] is True
+
+
 def test_defaults_are_the_spec_recipe():
     cfg = load_config()
     m, t = cfg.model, cfg.train

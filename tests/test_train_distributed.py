@@ -86,7 +86,7 @@ engine_step = trainer.engine.step
 def counted_engine_step(*args, **kwargs):
     with DispatchCounter() as c:
         engine_step(*args, **kwargs)
-    inside_engine.append(c.host_reads)
+    inside_engine.append(c.host_waits)
 
 trainer.engine.step = counted_engine_step
 whole = []
@@ -94,16 +94,17 @@ for attempt in range(3):
     with DispatchCounter() as c:
         trainer._one_step(attempt)
         trainer._check_stop()
-    whole.append(c.host_reads)
+    whole.append(c.host_waits)
 trainer.close()
 report({"whole": whole, "inside_engine": inside_engine})
 '''
 
 
-def test_the_training_loop_reads_nothing_back_per_step_beyond_deepspeeds_step(tiny_data, tmp_path):
-    """A step of the loop (micro-batches, engine steps, the stop vote) reads no device value on the host except
-    inside DeepSpeed's own step: each such read would stall a GPU. (Logging, evaluation and saves read, at their
-    intervals.)"""
+def test_the_training_loop_waits_for_the_device_only_inside_deepspeeds_step(tiny_data, tmp_path):
+    """A step of the loop (micro-batches, forwards, engine steps, the stop vote) neither reads a device value on the
+    host nor synchronizes the device except inside DeepSpeed's optimizer step (its gradient-norm check): each such
+    wait would stall a GPU. DeepSpeed's throughput timer, on by default, synchronized at every forward and step.
+    (Logging, evaluation and saves wait, at their intervals.)"""
     from tests.helpers import run_torchrun
 
     results = run_torchrun(tmp_path, LOOP_WORKER, tiny_data, str(tmp_path / "run"), *TINY)
