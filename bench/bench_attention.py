@@ -54,10 +54,14 @@ def spec_band(device) -> torch.Tensor:
 
 
 def inputs(shape: str, dtype: torch.dtype, seed: int = 0):
+    """q, k, v, dO, band in the memory layouts the model hands over: q, k, v as (B, H, T, d) views of one
+    (B, T, 3, H, d) projection, dO as a (B, H, T, d) view of (B, T, H, d) memory (the output projection's)."""
     B, H, T, D = map(int, shape.split("x"))
-    g = torch.Generator(device="cuda" if GPU else "cpu").manual_seed(seed)
     device = "cuda" if GPU else "cpu"
-    q, k, v, dout = (torch.randn(B, H, T, D, device=device, dtype=dtype, generator=g) for _ in range(4))
+    g = torch.Generator(device=device).manual_seed(seed)
+    qkv = torch.randn(B, T, 3, H, D, device=device, dtype=dtype, generator=g)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    dout = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=g).transpose(1, 2)
     return q, k, v, dout, spec_band(device)
 
 
