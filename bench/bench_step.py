@@ -24,6 +24,7 @@ import time
 import torch
 
 from pascal_dist.config import load_ds_config
+from pascal_dist.cli import run_rank
 from pascal_dist.dispatch_count import DispatchCounter
 from pascal_dist.dist_env import DistEnv
 from pascal_dist.engine import build_engine, init_distributed
@@ -197,8 +198,9 @@ def main() -> None:
               f"{tflops:.2f} | {mfu} | {r['peak']:.2f} | {r['launches']:,} | {r['host_waits']} |")
     print("\nmost frequent ops per row: " + "; ".join(
         f"{name}: " + ", ".join(f"{op} {n}" for op, n in r["top"][:5]) for name, r in rows))
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
-    main()
+    run_rank(lambda argv: main() or 0, [])  # ends like the trainer: no interpreter teardown to abort in
