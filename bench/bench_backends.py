@@ -17,19 +17,14 @@ import torch
 
 import pascal_dist.banded_attention as banded_attention
 from pascal_dist.model import PascalGPT
-from pascal_dist.schema import AttentionConfig, ModelConfig
+from shapes import CPU_SIZED, add_shape_args, model_config
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backends", default="none,sdpa,reference,banded,banded:torch",
                    help="comma-separated; banded:torch|banded:triton picks the correction's implementation")
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=8192)
+    add_shape_args(p, CPU_SIZED)
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per backend per round")
     p.add_argument("--rounds", type=int, default=4, help="rounds of --steps, backends interleaved")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -48,8 +43,7 @@ def make_stepper(backend: str, a: argparse.Namespace, data: torch.Tensor) -> Cal
     (reading it every step would add the same stall to every backend and flatter the ratios)."""
     backend, _, kernels = backend.partition(":")
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=a.vocab, block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
-                      n_embd=a.n_embd, dropout=0.0, attn_dropout=0.0, attention=AttentionConfig(backend=backend))
+    cfg = model_config(a, backend)
     model = PascalGPT(cfg).to(a.device).train()
     model.set_bias_step(cfg.bias.warmup_steps)  # full strength: costs the same as any other step
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=3e-4, betas=(0.9, 0.95), fused=True)

@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from pascal_dist.model import PascalGPT
-from pascal_dist.schema import AttentionConfig, ModelConfig
+from shapes import SPEC, add_shape_args, model_config
 
 ZERO2_BYTES_PER_PARAM = 4 + 8 + 4 + 2 + 2  # fp32 master, Adam m and v, fp32 gradient partition, bf16 param + bucket
 
@@ -31,19 +31,13 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backends", default="none,banded,fused,sdpa,reference")
     p.add_argument("--dropouts", default="0,0.1")
-    p.add_argument("--n-layer", type=int, default=12)
-    p.add_argument("--n-embd", type=int, default=768)
-    p.add_argument("--n-head", type=int, default=12)
-    p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=8192)
+    add_shape_args(p, SPEC)
     return p.parse_args()
 
 
 def peak_gib(a: argparse.Namespace, backend: str, dropout: float) -> tuple[float, float, int]:
     """(peak GiB of the step, of which activations and temporaries, parameter count) in bf16."""
-    cfg = ModelConfig(vocab_size=a.vocab, block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
-                      n_embd=a.n_embd, dropout=dropout, attn_dropout=dropout, attention=AttentionConfig(backend=backend))
+    cfg = model_config(a, backend, dropout)
     with FakeTensorMode():
         torch.set_default_dtype(torch.bfloat16)
         try:

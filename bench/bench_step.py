@@ -3,9 +3,9 @@
 Same model, same random tokens, one process; the ratio is tokens/s over the plain loop's. On a GPU it also
 reports model TFLOP/s (6N + 12 L d T per token), MFU against --peak-tflops, and peak memory. On any machine it
 counts, for one step run eagerly, the ops dispatched (kernel launches on a GPU) and the host waits (reads of
-device values and device synchronizes: each one stalls the GPU until the CPU catches up): the engine's overhead in launches and stalls, before a GPU times it.
-The engine rows
-run the project's own configs/zero*.json (what `launcher/train.py` runs), or variants given with --ds, e.g.
+device values and device synchronizes: each one stalls the GPU until the CPU catches up): the engine's overhead
+in launches and stalls, before a GPU times it. The engine rows run the project's own configs/zero*.json (what
+`launcher/train.py` runs), or variants given with --ds, e.g.
 
     python bench/bench_step.py                                   # CPU-sized defaults, configs/zero{1,2,3}.json
     python bench/bench_step.py --spec --compile --peak-tflops 989  # the SPEC model on an H100/H200 (bf16 dense peak)
@@ -27,19 +27,16 @@ from pascal_dist.config import load_ds_config
 from pascal_dist.cli import run_rank
 from pascal_dist.dispatch_count import DispatchCounter
 from pascal_dist.dist_env import DistEnv
-from pascal_dist.engine import build_engine, init_distributed
+from pascal_dist.engine import build_engine, init_distributed, restore_overflow_scan
 from pascal_dist.model import PascalGPT
-from pascal_dist.schema import AttentionConfig, ModelConfig, RunConfig, TrainConfig
+from pascal_dist.schema import ModelConfig, RunConfig, TrainConfig
+from shapes import CPU_SIZED, SPEC, add_shape_args, model_config
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", action="store_true", help="SPEC model and micro batch (12 x 768, T=256, batch 64)")
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8)
+    add_shape_args(p, CPU_SIZED)
     p.add_argument("--backend", default="sdpa")
     p.add_argument("--dropout", type=float, default=0.0,
                    help="residual and attention dropout (ANCHORS.md measured 0; the SPEC trains with 0.1)")
@@ -56,13 +53,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the card's bf16 dense peak, for MFU")
     a = p.parse_args()
     if a.spec:
-        a.n_layer, a.n_embd, a.n_head, a.block_size, a.batch = 12, 768, 12, 256, 64
+        vars(a).update(SPEC)
     return a
 
 
 def model_cfg(a: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, dropout=a.dropout,
-                       attn_dropout=a.dropout, attention=AttentionConfig(backend=a.backend))
+    return model_config(a, a.backend, a.dropout)
 
 
 def sync() -> None:
@@ -158,7 +154,7 @@ def zero(a: argparse.Namespace, spec: str, x: torch.Tensor, deepspeed_scan: bool
     model = PascalGPT(model_cfg(a))
     engine, optimizer, _ = build_engine(model, TrainConfig(), ds_variant(spec, a))
     if deepspeed_scan:
-        vars(optimizer).pop("check_overflow", None)  # back to DeepSpeed's own method
+        restore_overflow_scan(optimizer)
     if a.compile:
         engine.compile()
 
@@ -176,7 +172,7 @@ def main() -> None:
     a = parse()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     init_distributed(DistEnv(0, 0, 1, "127.0.0.1", 0, "single"))
-    x = torch.randint(0, 8192, (a.batch, a.block_size), device=device)
+    x = torch.randint(0, a.vocab, (a.batch, a.block_size), device=device)
     tokens = a.batch * a.block_size
     flops_per_token = PascalGPT(model_cfg(a)).flops_per_token()
     rows = [("plain PyTorch" + (" (compiled)" if a.compile else ""), plain(a, device, x))]

@@ -13,7 +13,7 @@
 # What the stages measure: one attention layer, forward + backward, every backend vs unbiased SDPA flash, and the
 # fused kernels' tile candidates; fused Pascal attention vs the unbiased SDPA ceiling at T=256 and T=1024 (full
 # model step); the full step plain compiled PyTorch vs the ZeRO engine (tokens/s, TFLOP/s, MFU, peak memory, ops and
-# host reads per step); bf16 numerics on CUDA against float64 (GPU-marked tests, T up to 4096, head dim 128).
+# host waits per step); bf16 numerics on CUDA against float64 (GPU-marked tests, T up to 4096, head dim 128).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 

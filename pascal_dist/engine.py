@@ -101,3 +101,8 @@ def skip_redundant_overflow_scan(optimizer) -> bool:
     if applies:
         optimizer.check_overflow = lambda partition_gradients=True: None  # step() then sets overflow from the norm
     return applies
+
+
+def restore_overflow_scan(optimizer) -> bool:
+    """Undo skip_redundant_overflow_scan (benchmarks and tests compare the two); returns whether it was applied."""
+    return vars(optimizer).pop("check_overflow", None) is not None

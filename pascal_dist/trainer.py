@@ -226,7 +226,7 @@ class Trainer:
         """Every rank agrees whether to stop (a signal on any rank, or the time limit), then stops together.
 
         The vote read here was cast one step ago (StopVote), so stopping takes one step longer than the signal
-        and the time limit's margin (two steps and two saves) covers that step.
+        and the time limit's margin (StopWatch.reason) covers that step.
         """
         reason = self.stop_vote.result()
         self.stop_vote.cast(self.stopwatch.reason(self.slowest_step_s, self.save_s))

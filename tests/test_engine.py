@@ -29,7 +29,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from pascal_dist.config import load_ds_config
 from pascal_dist.dispatch_count import DispatchCounter
 from pascal_dist.dist_env import detect
-from pascal_dist.engine import build_engine, init_distributed
+from pascal_dist.engine import build_engine, init_distributed, restore_overflow_scan
 from pascal_dist.model import PascalGPT
 from pascal_dist.schema import ModelConfig, RunConfig, TrainConfig
 
@@ -63,8 +63,7 @@ counts = {}
 with DispatchCounter() as c:
     step()
 counts["with"] = c.launches
-if "check_overflow" in vars(optimizer):  # the instance override: count the same step with DeepSpeed's own scan
-    del optimizer.check_overflow
+if restore_overflow_scan(optimizer):  # count the same step with DeepSpeed's own scan
     with DispatchCounter() as c:
         step()
     counts["without"] = c.launches

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from tests.helpers import TINY, read_scalars, read_texts, run_train
+from tests.helpers import TINY, read_scalars, read_texts, run_torchrun, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -105,8 +105,6 @@ def test_the_training_loop_waits_for_the_device_only_inside_deepspeeds_step(tiny
     host nor synchronizes the device except inside DeepSpeed's optimizer step (its gradient-norm check): each such
     wait would stall a GPU. DeepSpeed's throughput timer, on by default, synchronized at every forward and step.
     (Logging, evaluation and saves wait, at their intervals.)"""
-    from tests.helpers import run_torchrun
-
     results = run_torchrun(tmp_path, LOOP_WORKER, tiny_data, str(tmp_path / "run"), *TINY)
     for r in results:
         assert len(r["inside_engine"]) == 3 * 2  # grad_accum=2 in TINY: two engine.step calls per step
