@@ -68,7 +68,7 @@ def test_bench_attention_times_backends_and_checks_every_tile_candidate():
     from tests.helpers import require_triton
 
     require_triton(interpreter_from=(3, 9))
-    rows = run("bench_attention.py", "--shapes", "1x2x40x16", "--dtype", "float16", "--reps", "1", "--rounds", "1",
+    rows = run("bench_attention.py", "--shapes", "1x2x130x16", "--dtype", "float16", "--reps", "1", "--rounds", "1",
                "--backends", "none,banded,fused", "--tiles")
     backend_rows = [r for r in rows if r.count("|") == 7 and "backend" not in r]
     assert [c.split("|")[3].strip() for c in backend_rows] == ["none", "banded", "fused"] * 2
