@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from pascal_dist.attention import AttentionBackend, attend_cached, get_backend
 from pascal_dist.bias import PascalBias
+from pascal_dist.loss import linear_cross_entropy
 from pascal_dist.schema import ModelConfig
 
 
@@ -97,6 +97,17 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class LMHead(nn.Linear):
+    """The output projection. Given targets it returns the mean cross-entropy instead of the logits, chunked
+    (pascal_dist.loss) so that the (B, T, vocab) logits are never materialized. It stays a module so that ZeRO-3
+    gathers the (tied) weight for it like for any Linear."""
+
+    def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
+        if targets is None:
+            return super().forward(x)
+        return linear_cross_entropy(x.reshape(-1, x.size(-1)), self.weight, targets.reshape(-1))
+
+
 class PascalGPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -107,7 +118,7 @@ class PascalGPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, self.backend) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
         # the unbiased baseline owns no theta: no unused parameter for DDP/ZeRO to trip over
         self.bias: PascalBias | None = PascalBias(cfg.bias) if self.backend.uses_band else None
@@ -135,7 +146,9 @@ class PascalGPT(nn.Module):
         """The band vector a (window,) at the current bias_step, or None for an unbiased backend."""
         return None if self.bias is None else self.bias(self.bias_step)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """(logits (B, T, vocab), None) for idx (B, T); with targets (B, T), (None, mean cross-entropy in fp32):
+        training never materializes the logits (LMHead)."""
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
@@ -149,11 +162,10 @@ class PascalGPT(nn.Module):
                 x = checkpoint(block, x, prepared, use_reentrant=False)
             else:
                 x = block(x, prepared)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        x = self.ln_f(x)
+        if targets is None:
+            return self.lm_head(x), None
+        return None, self.lm_head(x, targets)
 
     @torch.no_grad()
     def forward_cached(self, idx: Tensor, cache: KVCache) -> Tensor:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter
 
 from pascal_dist.model import PascalGPT
@@ -37,11 +38,13 @@ def batch(B: int = 3, T: int = 20, seed: int = 1) -> tuple[torch.Tensor, torch.T
 def test_shapes_and_initial_loss(backend):
     m = build(backend).eval()
     idx, tgt = batch()
-    logits, loss = m(idx, tgt)
-    assert logits.shape == (3, 20, VOCAB) and loss.shape == () and loss.dtype == torch.float32
+    none, loss = m(idx, tgt)
+    assert none is None and loss.shape == () and loss.dtype == torch.float32  # training never builds the logits
     assert abs(loss.item() - math.log(VOCAB)) < 0.1  # near-uniform prediction at init
     logits, loss = m(idx)
     assert logits.shape == (3, 20, VOCAB) and loss is None
+    ref = F.cross_entropy(logits.double().view(-1, VOCAB), tgt.view(-1))
+    torch.testing.assert_close(m(idx, tgt)[1].double(), ref)  # the chunked loss is the loss of these logits
     with pytest.raises(ValueError, match="block_size"):
         m(torch.zeros(1, 33, dtype=torch.long))
 
@@ -157,7 +160,7 @@ def test_cpu_autocast_bf16(backend):
     idx, tgt = batch()
     m.set_bias_step(100)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, loss = m(idx, tgt)
+        logits, loss = m(idx)[0], m(idx, tgt)[1]
     loss.backward()
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32 and torch.isfinite(loss)
     if m.bias is not None:
@@ -189,7 +192,7 @@ def test_cuda_bf16_backends_agree():
         m = build(backend, dropout=0.0, attn_dropout=0.0).cuda().train()
         m.set_bias_step(100)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits, loss = m(idx, tgt)
+            logits, loss = m(idx)[0], m(idx, tgt)[1]
         loss.backward()
         out[backend] = (logits.float(), m.bias.theta.grad.clone())
     torch.testing.assert_close(out["sdpa"][0], out["reference"][0], rtol=3e-2, atol=3e-2)
