@@ -59,6 +59,19 @@ for k in range(4):
     loss = step()
     history.append({"loss": loss, "theta": float(safe_get_full_fp32_param(theta).reshape(-1)[0]),
                     "skipped": int(engine.skipped_steps)})
+_, loss = engine(x, x)
+engine.backward(loss)
+norms = {}
+if (ours := vars(optimizer).pop("get_grad_norm_direct", None)) is not None:  # ZeRO-1/2: DeepSpeed's norm, then ours
+    with DispatchCounter() as c:
+        norms["deepspeed"] = float(optimizer.scaled_global_norm())
+    norms["deepspeed_ops"] = c.launches
+    optimizer.get_grad_norm_direct = ours
+    with DispatchCounter() as c:
+        norms["foreach"] = float(optimizer.scaled_global_norm())
+    norms["foreach_ops"] = c.launches
+    norms["tensors"] = sum(len(group) for group in optimizer.params_in_partition)
+engine.step()
 counts = {}
 with DispatchCounter() as c:
     step()
@@ -67,7 +80,7 @@ if restore_overflow_scan(optimizer):  # count the same step with DeepSpeed's own
     with DispatchCounter() as c:
         step()
     counts["without"] = c.launches
-report({"history": history, "counts": counts})
+report({"history": history, "counts": counts, "norms": norms})
 engine.destroy()
 '''
 
@@ -75,9 +88,9 @@ engine.destroy()
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_non_finite_gradient_on_one_rank_skips_the_step_everywhere(tmp_path, stage):
-    """With DeepSpeed's per-tensor overflow scan replaced by its norm check (ZeRO-1/2, bf16), an inf in one
-    gradient on one rank still skips that step on every rank and leaves the weights as they were; and the scan's
-    ops are gone from the step."""
+    """With DeepSpeed's per-tensor overflow scan replaced by its norm check and that norm computed for-each
+    (ZeRO-1/2, bf16), an inf in one gradient on one rank still skips that step on every rank and leaves the
+    weights as they were; the norm is DeepSpeed's; and the scan's ops are gone from the step."""
     results = run_torchrun(tmp_path, WORKER, str(stage))
     for r in results:
         h = r["history"]
@@ -86,6 +99,10 @@ def test_a_non_finite_gradient_on_one_rank_skips_the_step_everywhere(tmp_path, s
         assert all(math.isfinite(s["loss"]) and math.isfinite(s["theta"]) for s in h)
         if stage in (1, 2):
             assert r["counts"]["with"] < r["counts"]["without"] * 0.85, r["counts"]
+            n = r["norms"]  # the for-each gradient norm: DeepSpeed's value, in fewer ops
+            assert n["foreach"] == pytest.approx(n["deepspeed"], rel=1e-6) and n["foreach"] > 0
+            # DeepSpeed: an fp64 copy and a norm per tensor; here one for-each norm per parameter group (2)
+            assert n["deepspeed_ops"] - n["foreach_ops"] == 2 * n["tensors"] - 2, n
         else:
             assert "without" not in r["counts"]  # ZeRO-3 in bf16 already checks the norm alone
     same = [[(s["theta"], s["skipped"]) for s in r["history"]] for r in results]
