@@ -10,7 +10,7 @@ in launches and stalls, before a GPU times it. The engine rows run the project's
     python bench/bench_step.py                                   # CPU-sized defaults, configs/zero{1,2,3}.json
     python bench/bench_step.py --spec --compile --peak-tflops 989  # the SPEC model on an H100/H200 (bf16 dense peak)
     python bench/bench_step.py --ds configs/zero2.json --ds configs/zero2.json:zero_optimization.overlap_comm=false
-    python bench/bench_step.py --ds configs/zero2.json --ds-scan configs/zero2.json  # with DeepSpeed's own scan
+    python bench/bench_step.py --ds configs/zero2.json --ds-own configs/zero2.json  # and DeepSpeed's own step
     python bench/bench_step.py --profile out/                    # + a torch.profiler table and trace per row
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pascal_dist.config import load_ds_config
 from pascal_dist.cli import run_rank
 from pascal_dist.dispatch_count import DispatchCounter
 from pascal_dist.dist_env import DistEnv
-from pascal_dist.engine import build_engine, init_distributed, restore_overflow_scan
+from pascal_dist.engine import build_engine, init_distributed, restore_deepspeed_step
 from pascal_dist.model import PascalGPT
 from pascal_dist.schema import ModelConfig, RunConfig, TrainConfig
 from shapes import CPU_SIZED, SPEC, add_shape_args, model_config
@@ -45,9 +45,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--ds", action="append", default=None, metavar="PATH[:key=value...]",
                    help="a DeepSpeed config to time (repeatable), with optional dotted overrides, values in JSON "
                         "(default: configs/zero1.json, zero2.json, zero3.json)")
-    p.add_argument("--ds-scan", action="append", default=[], metavar="PATH[:key=value...]",
-                   help="also time this config with DeepSpeed's own per-tensor overflow scan, which pascal-dist "
-                        "drops in ZeRO-1/2 bf16 (pascal_dist.engine.skip_redundant_overflow_scan): its cost")
+    p.add_argument("--ds-own", action="append", default=[], metavar="PATH[:key=value...]",
+                   help="also time this config with DeepSpeed's own ZeRO-1/2 step (its per-tensor overflow scan and "
+                        "gradient norm), which pascal-dist replaces (pascal_dist.engine): their cost")
     p.add_argument("--profile", default=None, metavar="DIR", help="also profile 3 steps of each row into DIR")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the card's bf16 dense peak, for MFU")
@@ -148,13 +148,13 @@ def plain(a: argparse.Namespace, device: torch.device, x: torch.Tensor) -> dict:
     return timed(step, a, "plain", before)
 
 
-def zero(a: argparse.Namespace, spec: str, x: torch.Tensor, deepspeed_scan: bool = False) -> dict:
+def zero(a: argparse.Namespace, spec: str, x: torch.Tensor, deepspeed_step: bool = False) -> dict:
     before = fresh_memory()
     torch.manual_seed(0)
     model = PascalGPT(model_cfg(a))
     engine, optimizer, _ = build_engine(model, TrainConfig(), ds_variant(spec, a))
-    if deepspeed_scan:
-        restore_overflow_scan(optimizer)
+    if deepspeed_step:
+        restore_deepspeed_step(optimizer)
     if a.compile:
         engine.compile()
 
@@ -163,7 +163,7 @@ def zero(a: argparse.Namespace, spec: str, x: torch.Tensor, deepspeed_scan: bool
         engine.backward(loss)
         engine.step()
 
-    result = timed(step, a, spec + (" scan" if deepspeed_scan else ""), before)
+    result = timed(step, a, spec + (" own" if deepspeed_step else ""), before)
     engine.destroy()
     return result
 
@@ -178,8 +178,8 @@ def main() -> None:
     rows = [("plain PyTorch" + (" (compiled)" if a.compile else ""), plain(a, device, x))]
     for spec in a.ds or [f"configs/zero{stage}.json" for stage in (1, 2, 3)]:
         rows.append((f"DeepSpeed {spec}", zero(a, spec, x)))
-    for spec in a.ds_scan:
-        rows.append((f"DeepSpeed {spec}, DeepSpeed's overflow scan", zero(a, spec, x, deepspeed_scan=True)))
+    for spec in a.ds_own:
+        rows.append((f"DeepSpeed {spec}, DeepSpeed's own step", zero(a, spec, x, deepspeed_step=True)))
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{card}, torch {torch.__version__}, L={a.n_layer} d={a.n_embd} T={a.block_size} B={a.batch}, "
           f"backend {a.backend}, dropout {a.dropout:g}, compile={a.compile}, {a.steps} timed steps after {a.warmup}; "

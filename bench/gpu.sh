@@ -71,7 +71,7 @@ fi
 if [[ $STAGES == *step* ]]; then
   # The engine against the plain loop, before the backend sweep: it is the other half of what the issue asks.
   z2=configs/zero2.json
-  ds=(--ds "$z2" --ds-scan "$z2")  # the second: what DeepSpeed's per-tensor overflow scan costs
+  ds=(--ds "$z2" --ds-own "$z2")  # the second: what DeepSpeed's per-tensor overflow scan and norm cost
   if [ "$sweep" = 1 ]; then
     ds+=(--ds configs/zero1.json --ds configs/zero3.json --ds "$z2:zero_optimization.overlap_comm=true"
          --ds "$z2:zero_optimization.contiguous_gradients=false" --ds "$z2:zero_optimization.reduce_bucket_size=5e8")

@@ -110,9 +110,11 @@ def skip_redundant_overflow_scan(optimizer) -> bool:
     return applies
 
 
-def restore_overflow_scan(optimizer) -> bool:
-    """Undo skip_redundant_overflow_scan (benchmarks and tests compare the two); returns whether it was applied."""
-    return vars(optimizer).pop("check_overflow", None) is not None
+def restore_deepspeed_step(optimizer) -> bool:
+    """Undo skip_redundant_overflow_scan and foreach_grad_norm: DeepSpeed's own ZeRO-1/2 step again (benchmarks and
+    tests compare the two); returns whether either was applied."""
+    patched = [vars(optimizer).pop(name, None) for name in ("check_overflow", "get_grad_norm_direct")]
+    return any(p is not None for p in patched)
 
 
 def foreach_grad_norm(optimizer) -> bool:

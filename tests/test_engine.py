@@ -29,7 +29,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from pascal_dist.config import load_ds_config
 from pascal_dist.dispatch_count import DispatchCounter
 from pascal_dist.dist_env import detect
-from pascal_dist.engine import build_engine, init_distributed, restore_overflow_scan
+from pascal_dist.engine import build_engine, init_distributed, restore_deepspeed_step
 from pascal_dist.model import PascalGPT
 from pascal_dist.schema import ModelConfig, RunConfig, TrainConfig
 
@@ -76,7 +76,7 @@ counts = {}
 with DispatchCounter() as c:
     step()
 counts["with"] = c.launches
-if restore_overflow_scan(optimizer):  # count the same step with DeepSpeed's own scan
+if restore_deepspeed_step(optimizer):  # count the same step with DeepSpeed's own scan and norm
     with DispatchCounter() as c:
         step()
     counts["without"] = c.launches
