@@ -4,10 +4,11 @@ The model runs forward and backward on fake tensors (shapes, dtypes and allocati
 batch 64 takes a second) while torch's MemTracker follows every allocation. What it counts is what the eager
 program allocates on any device; torch.compile usually saves some of it, and kernel workspaces are not seen.
 The ZeRO-2 engine adds its optimizer states on top (fp32 master, Adam moments, fp32 gradient partition,
-bucket buffers): about 20 bytes per parameter, in the last column. SDPA picks its kernel by device: with
-attention dropout on, on a CPU it takes the math path (T x T probabilities and mask per layer), on a GPU flash,
-so `none`, `sdpa` and `banded` rows with dropout count more than a GPU allocates; `fused` and `reference` run
-the same code everywhere.
+bucket buffers): about 20 bytes per parameter, in the last column. Dropout is counted as a GPU runs it: a
+1-byte mask per dropout (a CPU's F.dropout keeps a noise tensor of the activation's dtype, twice that). SDPA
+picks its kernel by device: with attention dropout on, on a CPU it takes the math path (T x T probabilities and
+mask per layer), on a GPU flash, so `none`, `sdpa` and `banded` rows with dropout count more than a GPU
+allocates; `fused` and `reference` run the same code everywhere.
 
     python bench/bench_memory.py                     # SPEC model, T=256 x batch 64, bf16
     python bench/bench_memory.py --block-size 1024 --batch 16
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -35,10 +38,15 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
+def gpu_dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """F.dropout as it runs on a GPU: native_dropout, which saves a bool mask for backward."""
+    return torch.native_dropout(x, p, True)[0] if training and p > 0 else x
+
+
 def peak_gib(a: argparse.Namespace, backend: str, dropout: float) -> tuple[float, float, int]:
     """(peak GiB of the step, of which activations and temporaries, parameter count) in bf16."""
     cfg = model_config(a, backend, dropout)
-    with FakeTensorMode():
+    with FakeTensorMode(), mock.patch.object(F, "dropout", gpu_dropout):
         torch.set_default_dtype(torch.bfloat16)
         try:
             model = PascalGPT(cfg)

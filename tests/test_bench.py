@@ -1,4 +1,6 @@
-"""The benchmark scripts still run and print their tables (tiny sizes; the numbers themselves are not checked)."""
+"""The benchmark scripts still run and print their tables (tiny sizes; the numbers themselves are not checked,
+except where a benchmark's own accounting is the thing under test)."""
+import argparse
 import os
 import subprocess
 import sys
@@ -86,3 +88,15 @@ def test_bench_memory_counts_the_fused_output_layout():
                "--batch", "8", "--vocab", "64", "--backends", "none,fused,reference", "--dropouts", "0")
     ratio = {r.split("|")[1].strip(): float(r.split("|")[5]) for r in rows[1:]}
     assert ratio["none"] == 1.0 and ratio["fused"] <= 1.0 < ratio["reference"], ratio
+
+
+def test_bench_memory_counts_dropout_as_a_gpu_keeps_it(monkeypatch):
+    """Dropout adds exactly its 1-byte masks (residual and MLP dropouts; the fused attention keeps none), as a GPU's
+    native dropout saves them, not the CPU's dtype-sized noise tensors."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
+    import bench_memory
+
+    a = argparse.Namespace(n_layer=2, n_embd=64, n_head=2, block_size=128, batch=8, vocab=64)
+    extra = (bench_memory.peak_gib(a, "fused", 0.1)[0] - bench_memory.peak_gib(a, "fused", 0.0)[0]) * 2**30
+    masks = (6 * a.n_layer + 1) * a.batch * a.block_size * a.n_embd  # per layer d + 4d + d bytes; the embedding's
+    assert extra == pytest.approx(masks, rel=1e-9)
