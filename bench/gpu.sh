@@ -2,8 +2,9 @@
 # Every GPU check of pascal-dist in one run, for a lent H100/H200 or your own card; each table is printed as its
 # stage ends (a cut-off run still shows what finished), full logs and tables in $OUT.
 #
-#   bash bench/gpu.sh          # all stages: attention op + tile sweep, gpu tests + numerics, training step, backends
-#   GPU_STAGES=attention,tests,step bash bench/gpu.sh; GPU_STAGES=backends bash bench/gpu.sh  # two calls, < 10 min each
+#   bash bench/gpu.sh          # all stages, in this order: step, backends, numerics, tests, attention, dropout
+#   GPU_STAGES=step,backends bash bench/gpu.sh; GPU_STAGES=numerics,tests,attention,dropout bash bench/gpu.sh
+#                              # the same as two calls of under ten minutes each, the targets' numbers first
 #   GPU_SWEEP=1: every backend and the ZeRO option sweep; GPU_PROFILE=1: a torch.profiler table per step row
 #
 # On a GPU machine without a package index: first, where pip works (same Python minor version as the GPU
@@ -39,7 +40,12 @@ fi
 
 OUT=${OUT:-bench-out}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}  # H100/H200 SXM bf16 dense
-STAGES=${GPU_STAGES:-attention,tests,step,backends}
+STAGES=${GPU_STAGES:-step,backends,numerics,tests,attention,dropout}
+for s in ${STAGES//,/ }; do
+  case $s in step|backends|numerics|tests|attention|dropout) ;;
+  *) echo "GPU_STAGES: unknown stage '$s' (expected step, backends, numerics, tests, attention, dropout)"; exit 2 ;;
+  esac
+done
 mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -60,31 +66,34 @@ stage() {
 }
 
 sweep=${GPU_SWEEP:-0}
-if [[ $STAGES == *attention* ]]; then  # no torch.compile: a minute or two, and the kernel-level picture first
-  stage attention 240 python3 bench/bench_attention.py --tiles --backends none,fused,banded,banded:torch,sdpa,reference
-fi
-if [[ $STAGES == *tests* ]]; then
-  stage gpu-tests 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model.py tests/test_band_kernels.py \
-    tests/test_fused_attention.py
-  stage numerics 120 python3 bench/check_numerics.py --backends sdpa,reference,banded,fused
-fi
-if [[ $STAGES == *step* ]]; then
-  # The engine against the plain loop, before the backend sweep: it is the other half of what the issue asks.
-  z2=configs/zero2.json
-  ds=(--ds "$z2" --ds-own "$z2")  # the second: what DeepSpeed's per-tensor overflow scan and norm cost
-  if [ "$sweep" = 1 ]; then
-    ds+=(--ds configs/zero1.json --ds configs/zero3.json --ds "$z2:zero_optimization.overlap_comm=true"
-         --ds "$z2:zero_optimization.contiguous_gradients=false" --ds "$z2:zero_optimization.reduce_bucket_size=5e8")
-  fi
-  profile=()
-  [ "${GPU_PROFILE:-0}" = 1 ] && profile=(--profile "$OUT/profile")
-  stage step 260 python3 bench/bench_step.py --spec --compile --backend fused --peak-tflops "$PEAK_TFLOPS" \
-    "${profile[@]}" "${ds[@]}"
-fi
-if [[ $STAGES == *backends* ]]; then
-  # Each --compile row compiles its model once (tens of seconds): the default rows are what the targets need.
-  if [ "$sweep" = 1 ]; then backends=none,sdpa,reference,banded,banded:torch,fused; else backends=none,banded,fused; fi
-  spec=(--n-layer 12 --n-embd 768 --n-head 12 --compile --backends "$backends")
-  stage backends-T256 280 python3 bench/bench_backends.py "${spec[@]}" --block-size 256 --batch 64
-  stage backends-T1024 280 python3 bench/bench_backends.py "${spec[@]}" --block-size 1024 --batch 16
-fi
+z2=configs/zero2.json
+spec_step=(python3 bench/bench_step.py --spec --compile --backend fused --peak-tflops "$PEAK_TFLOPS")
+# Stages run in the order GPU_STAGES lists them: what the targets need first, so a run cut short by the device
+# budget has measured those.
+for s in ${STAGES//,/ }; do
+  case $s in
+  step)  # the ZeRO-2 engine against the plain compiled loop, SPEC model and batch, dropout 0 as in ANCHORS.md
+    ds=(--ds "$z2" --ds-own "$z2")  # the second: what DeepSpeed's own overflow scan and per-tensor norm cost
+    if [ "$sweep" = 1 ]; then
+      ds+=(--ds configs/zero1.json --ds configs/zero3.json --ds "$z2:zero_optimization.overlap_comm=true"
+           --ds "$z2:zero_optimization.contiguous_gradients=false" --ds "$z2:zero_optimization.reduce_bucket_size=5e8")
+    fi
+    profile=()
+    [ "${GPU_PROFILE:-0}" = 1 ] && profile=(--profile "$OUT/profile")
+    stage step 260 "${spec_step[@]}" "${profile[@]}" "${ds[@]}" ;;
+  backends)  # fused Pascal attention against the unbiased ceiling, full model step; each row compiles once
+    if [ "$sweep" = 1 ]; then backends=none,sdpa,reference,banded,banded:torch,fused; else backends=none,fused; fi
+    spec=(--n-layer 12 --n-embd 768 --n-head 12 --compile --backends "$backends")
+    stage backends-T256 200 python3 bench/bench_backends.py "${spec[@]}" --block-size 256 --batch 64
+    stage backends-T1024 200 python3 bench/bench_backends.py "${spec[@]}" --block-size 1024 --batch 16 ;;
+  numerics)
+    stage numerics 120 python3 bench/check_numerics.py --backends sdpa,reference,banded,fused ;;
+  tests)
+    stage gpu-tests 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model.py \
+      tests/test_band_kernels.py tests/test_fused_attention.py ;;
+  attention)  # one attention layer, no torch.compile, every backend, and the fused kernels' tile candidates
+    stage attention 240 python3 bench/bench_attention.py --tiles --backends none,fused,banded,banded:torch,sdpa,reference ;;
+  dropout)  # the SPEC recipe's dropout 0.1: the ZeRO-2 step's peak memory against the 7.5 GiB target
+    stage step-dropout 200 "${spec_step[@]}" --dropout 0.1 --ds "$z2" ;;
+  esac
+done
