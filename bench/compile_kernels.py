@@ -69,7 +69,7 @@ def main() -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10: 90 = H100/H200, 80 = A100")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--head-dims", default="64,128")
-    p.add_argument("--kernels", default="fwd,dkdv,dq,band_fwd,band_bwd")
+    p.add_argument("--kernels", default="fwd,dkdv,dq,delta,band_fwd,band_bwd")
     p.add_argument("--candidates", action="store_true",
                    help="every fused tile candidate that bench/bench_attention.py --tiles times, not only the shipped")
     a = p.parse_args()
@@ -96,6 +96,10 @@ def main() -> int:
                         row = compile_row(fused[name], data, constants, warps, a.arch, stages)
                         print(f"| fused {name} | {D} | {dropout} | {opts['BLOCK_M']} x {opts['BLOCK_N']} | {warps} | "
                               f"{stages} | {row} |")
+            elif name == "delta":
+                constants = dict(BLOCK_M=fa.DELTA_ROWS, BLOCK_D=max(16, triton.next_power_of_2(D)))
+                row = compile_row(fa._delta_kernel, data, constants, 4, a.arch)
+                print(f"| fused delta | {D} | - | {fa.DELTA_ROWS} rows | 4 | 3 | {row} |")
             else:
                 backward = name == "band_bwd"
                 block_m, warps = bk._blocking(D, backward)

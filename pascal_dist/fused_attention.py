@@ -144,6 +144,21 @@ def _fwd_kernel(Q, K, V, A, SEED, O, L, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b
 
 
 @triton.jit
+def _delta_kernel(DO, O, DELTA, sdo_b, sdo_h, sdo_t, so_b, so_h, so_t, H, T, D,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """D_i = dO_i . O_i (float32) of BLOCK_M query rows of one head, read from the bf16 tensors where they lie: in
+    PyTorch it took four kernels and two float32 copies of (B, H, T, d) per layer, opaque to torch.compile."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    do_ptrs, mask = _tile(_head(DO, bh, H, sdo_b, sdo_h), offs_m, offs_d, sdo_t, T, D)
+    o_ptrs, _ = _tile(_head(O, bh, H, so_b, so_h), offs_m, offs_d, so_t, T, D)
+    do = tl.load(do_ptrs, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(do * o, axis=1), mask=offs_m < T)
+
+
+@triton.jit
 def _dkdv_block(dk, dv, da, diag, k, v, Q, DO, L, DELTA, A, seed, bh, sq_t, sdo_t, offs_n, start_n, offs_d, start_m, T,
                 D, scale, p_drop, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -271,6 +286,9 @@ TILE_CANDIDATES = {  # sm_90 compiles of each: bench/compile_kernels.py --candid
 }
 
 
+DELTA_ROWS = 64  # query rows per program of _delta_kernel (memory-bound: any size that fits does)
+
+
 def tiles(head_dim: int, kernel: str, dtype: torch.dtype) -> dict:
     """Launch options of `kernel` ("fwd", "dq", "dkdv") from TILES. float32 (exact matmuls without tensor cores;
     tests and debugging, not training) takes small tiles so that it fits in shared memory on any card."""
@@ -318,7 +336,11 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     q, k, v = (inner_contiguous(x) for x in (q, k, v))
     do = inner_contiguous(do)  # usually (B, T, H, d) memory, as the output projection's gradient arrives
     B, H, T, D = q.shape
-    delta = (do.float() * out.float()).sum(-1).contiguous()  # D_i = dO_i . O_i, (B, H, T)
+    out = inner_contiguous(out)
+    delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    block_d = max(16, triton.next_power_of_2(D))
+    _delta_kernel[(triton.cdiv(T, DELTA_ROWS), B * H)](do, out, delta, *bht_strides(do, out), H, T, D,
+                                                       BLOCK_M=DELTA_ROWS, BLOCK_D=block_d)
     dq, dk, dv = (torch.empty((B, H, T, D), device=q.device, dtype=q.dtype) for _ in range(3))
     common = (*bht_strides(q, k, v, do), H, T, D, 1.0 / math.sqrt(D), dropout_p)
     flags = dict(WINDOW=a.numel(), DROPOUT=dropout_p > 0.0, IEEE=q.dtype == torch.float32)
