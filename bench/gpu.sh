@@ -89,7 +89,7 @@ for s in ${STAGES//,/ }; do
   numerics)
     stage numerics 120 python3 bench/check_numerics.py --backends sdpa,reference,banded,fused ;;
   tests)
-    stage gpu-tests 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model.py \
+    stage gpu-tests 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model.py tests/test_loss.py \
       tests/test_band_kernels.py tests/test_fused_attention.py ;;
   attention)  # one attention layer, no torch.compile, every backend, and the fused kernels' tile candidates
     stage attention 240 python3 bench/bench_attention.py --tiles --backends none,fused,banded,banded:torch,sdpa,reference ;;

@@ -107,3 +107,17 @@ def test_logits_are_never_whole():
     print(f"peak MiB: chunked {chunked / 2**20:.0f}, unchunked {unchunked / 2**20:.0f}")
     # one chunk's fp32 softmax and its bf16 copies (on a CPU the transposed matmul copies its operand)
     assert chunked < 2.5 * chunk_tokens(V) * V * 4 and chunked < unchunked / 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_and_compiled_match_float64():
+    h, w, t = (x.cuda() for x in inputs(3000, 64, 512, torch.float32, seed=3))
+    h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
+    ref, dh, dw = ref64(h, w, t, 1.0)
+    for fn in (linear_cross_entropy, torch.compile(linear_cross_entropy)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(h, w, t, chunk=1024)
+        gh, gw = torch.autograd.grad(loss, (h, w))
+        assert abs(loss.item() - ref.item()) < 1e-2 * ref.item()
+        assert max_rel(gh, dh) < 2e-2 and max_rel(gw, dw) < 2e-2
