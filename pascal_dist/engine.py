@@ -121,7 +121,7 @@ def foreach_grad_norm(optimizer) -> bool:
     """Compute ZeRO-1/2's global gradient norm with one for-each kernel instead of two kernels per tensor.
 
     DeepSpeed's get_grad_norm_direct copies every gradient tensor of the partition to fp64 and takes its norm,
-    one tensor at a time: for the SPEC model about 300 launches and an fp64 copy of every gradient, each step.
+    one tensor at a time: for the SPEC model about 200 launches and an fp64 copy of every gradient, each step.
     torch._foreach_norm with dtype=float64 accumulates in fp64 without the copies, in a few launches. The rest is
     DeepSpeed's: the same tensors counted (padding, pipeline replicas and model-parallel duplicates left out),
     the same all-reduces, and a non-finite norm masked to -1, which makes the step skip. L2 only (what clipping

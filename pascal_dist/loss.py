@@ -28,10 +28,16 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bf16/fp16/fp32 matmuls (what `.float()` gives), float64 for float64 (tests, references)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _chunk_softmax(hs: Tensor, weight: Tensor, ts: Tensor) -> tuple[Tensor, Tensor]:
     """(softmax (n, V) in fp32, the chunk's summed loss). The softmax is written over the logits in place: one
     fp32 chunk is the whole working set (eager torch.logsumexp would allocate a second)."""
-    logits = (hs @ weight.t()).float()  # rounded to the compute dtype first, exactly like nn.Linear then .float()
+    logits = hs @ weight.t()  # rounded to the compute dtype first, exactly like nn.Linear then .float()
+    logits = logits.to(_accumulate_dtype(logits.dtype))
     target = logits.gather(1, ts[:, None])
     peak = logits.amax(dim=-1, keepdim=True)
     probs = logits.sub_(peak).exp_()
@@ -46,9 +52,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = _compute_dtype(h)
         with torch.autocast(h.device.type, enabled=False):
             hc, wc = h.to(dtype), weight.to(dtype)
-            loss = torch.zeros((), device=h.device, dtype=torch.float32)
+            acc = _accumulate_dtype(dtype)
+            loss = torch.zeros((), device=h.device, dtype=acc)
             grad_h = torch.empty_like(hc)
-            grad_w = torch.zeros(weight.shape, device=h.device, dtype=torch.float32)
+            grad_w = torch.zeros(weight.shape, device=h.device, dtype=acc)
             for s in range(0, h.size(0), chunk):
                 hs, ts = hc[s:s + chunk], targets[s:s + chunk]
                 g, chunk_loss = _chunk_softmax(hs, wc, ts)
@@ -58,7 +65,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g.scatter_add_(1, ts[:, None], torch.full_like(ts[:, None], -1.0, dtype=g.dtype))
                 g = g.to(dtype)
                 grad_h[s:s + chunk] = g @ wc
-                grad_w += (g.t() @ hs).float()
+                grad_w += (g.t() @ hs).to(acc)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.n, ctx.dtypes = h.size(0), (h.dtype, weight.dtype)
         return loss / h.size(0)
@@ -71,7 +78,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int | None = None) -> Tensor:
-    """mean_i CE(h_i @ weight^T, targets_i) in fp32, for h (N, d), weight (V, d), targets (N,) int64.
+    """mean_i CE(h_i @ weight^T, targets_i) in fp32 (fp64 for fp64 inputs), for h (N, d), weight (V, d), targets (N,).
 
     Equal to `F.cross_entropy((h @ weight.t()).float(), targets)` (the logits rounded to the compute dtype
     as nn.Linear would), with gradients for h and weight; every target counts (no ignore index).
@@ -83,7 +90,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int 
     dtype = _compute_dtype(h)
     with torch.autocast(h.device.type, enabled=False):
         hc, wc = h.to(dtype), weight.to(dtype)
-        total = torch.zeros((), device=h.device, dtype=torch.float32)
+        total = torch.zeros((), device=h.device, dtype=_accumulate_dtype(dtype))
         for s in range(0, h.size(0), chunk):
             total += _chunk_softmax(hc[s:s + chunk], wc, targets[s:s + chunk])[1]
     return total / h.size(0)

@@ -98,9 +98,12 @@ class Block(nn.Module):
 
 
 class LMHead(nn.Linear):
-    """The output projection. Given targets it returns the mean cross-entropy instead of the logits, chunked
-    (pascal_dist.loss) so that the (B, T, vocab) logits are never materialized. It stays a module so that ZeRO-3
-    gathers the (tied) weight for it like for any Linear."""
+    """The output projection (no bias, as GPT-2's). Given targets it returns the mean cross-entropy instead of the
+    logits, chunked (pascal_dist.loss) so that the (B, T, vocab) logits are never materialized. It stays a module
+    so that ZeRO-3 gathers the (tied) weight for it like for any Linear."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)  # the chunked loss computes x @ W^T alone
 
     def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
         if targets is None:
@@ -118,7 +121,7 @@ class PascalGPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, self.backend) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size)
         self.lm_head.weight = self.wte.weight  # tied
         # the unbiased baseline owns no theta: no unused parameter for DDP/ZeRO to trip over
         self.bias: PascalBias | None = PascalBias(cfg.bias) if self.backend.uses_band else None
@@ -147,8 +150,8 @@ class PascalGPT(nn.Module):
         return None if self.bias is None else self.bias(self.bias_step)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
-        """(logits (B, T, vocab), None) for idx (B, T); with targets (B, T), (None, mean cross-entropy in fp32):
-        training never materializes the logits (LMHead)."""
+        """(logits (B, T, vocab), None) for idx (B, T); with targets (B, T), (None, mean cross-entropy in fp32 over
+        every target: no ignore index). Training never materializes the logits (LMHead)."""
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")

@@ -41,6 +41,8 @@ model = PascalGPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2,
                               attn_dropout=0.0))
 train = TrainConfig(micro_batch_size=2, grad_accum=1, grad_clip=1.0)
 ds = load_ds_config(f"configs/zero{stage}.json", RunConfig(train=train), world_size=2)
+if stage == 3:  # partition every parameter, even this model's small ones: the tied head's weight is gathered too
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
 engine, optimizer, _ = build_engine(model, train, ds)
 theta = model.bias.theta
 poison = {"on": False}

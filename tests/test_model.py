@@ -49,6 +49,25 @@ def test_shapes_and_initial_loss(backend):
         m(torch.zeros(1, 33, dtype=torch.long))
 
 
+def test_chunked_loss_gradients_are_those_of_the_logits():
+    """Every parameter's gradient through the model's chunked loss equals the one through its full logits and
+    F.cross_entropy, in float64 (dropout off: the two forwards must be the same function)."""
+    m = build("sdpa", dropout=0.0, attn_dropout=0.0).double()
+    m.set_bias_step(60)
+    idx, tgt = batch()
+    grads = []
+    for loss_of in (lambda: m(idx, tgt)[1], lambda: F.cross_entropy(m(idx)[0].view(-1, VOCAB), tgt.view(-1))):
+        m.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (l0, g0), (l1, g1) = grads
+    assert l0.dtype == torch.float64
+    torch.testing.assert_close(l0, l1, rtol=1e-12, atol=0)
+    for name in g0:
+        torch.testing.assert_close(g0[name], g1[name], rtol=1e-9, atol=1e-12)
+
+
 def test_tied_head_and_counts():
     m = build("sdpa")
     assert m.lm_head.weight is m.wte.weight
