@@ -27,7 +27,7 @@ from pascal_dist.config import load_ds_config
 from pascal_dist.cli import run_rank
 from pascal_dist.dispatch_count import DispatchCounter
 from pascal_dist.dist_env import DistEnv
-from pascal_dist.engine import build_engine, init_distributed, restore_deepspeed_step
+from pascal_dist.engine import build_engine, compile_engine, init_distributed, restore_deepspeed_step
 from pascal_dist.model import PascalGPT
 from pascal_dist.schema import ModelConfig, RunConfig, TrainConfig
 from shapes import CPU_SIZED, SPEC, add_shape_args, model_config
@@ -50,6 +50,8 @@ def parse() -> argparse.Namespace:
                         "gradient norm), which pascal-dist replaces (pascal_dist.engine): their cost")
     p.add_argument("--profile", default=None, metavar="DIR", help="also profile 3 steps of each row into DIR")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--memory-budget", type=float, default=1.0,
+                   help="torch.compile's activation memory budget (train.activation_memory_budget), every row")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the card's bf16 dense peak, for MFU")
     a = p.parse_args()
     if a.spec:
@@ -156,7 +158,7 @@ def zero(a: argparse.Namespace, spec: str, x: torch.Tensor, deepspeed_step: bool
     if deepspeed_step:
         restore_deepspeed_step(optimizer)
     if a.compile:
-        engine.compile()
+        compile_engine(engine, a.memory_budget)
 
     def step() -> None:
         _, loss = engine(x, x)
@@ -170,6 +172,9 @@ def zero(a: argparse.Namespace, spec: str, x: torch.Tensor, deepspeed_step: bool
 
 def main() -> None:
     a = parse()
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = a.memory_budget  # the plain loop's; compile_engine sets the same
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     init_distributed(DistEnv(0, 0, 1, "127.0.0.1", 0, "single"))
     x = torch.randint(0, a.vocab, (a.batch, a.block_size), device=device)
@@ -182,7 +187,7 @@ def main() -> None:
         rows.append((f"DeepSpeed {spec}, DeepSpeed's own step", zero(a, spec, x, deepspeed_step=True)))
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{card}, torch {torch.__version__}, L={a.n_layer} d={a.n_embd} T={a.block_size} B={a.batch}, "
-          f"backend {a.backend}, dropout {a.dropout:g}, compile={a.compile}, {a.steps} timed steps after {a.warmup}; "
+          f"backend {a.backend}, dropout {a.dropout:g}, compile={a.compile} (memory budget {a.memory_budget:g}), {a.steps} timed steps after {a.warmup}; "
           f"ops and host waits counted in one eager step\n")
     print("| loop | ms/step | tokens/s | ratio | model TFLOP/s | MFU | peak GiB | ops/step | host waits/step |\n"
           "|---|---|---|---|---|---|---|---|---|")

@@ -105,6 +105,8 @@ def validate(cfg: RunConfig) -> None:
     need(0 <= t.warmup_steps <= t.decay_steps,
          f"train.warmup_steps ({t.warmup_steps}) must be between 0 and train.decay_steps ({t.decay_steps})")
     need(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
+    need(0 < t.activation_memory_budget <= 1,
+         f"train.activation_memory_budget must be in (0, 1], got {t.activation_memory_budget}")
     need(t.time_limit_s >= 0, f"train.time_limit_s must be >= 0, got {t.time_limit_s}")
     need(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     need(cfg.logging.log_interval > 0, f"logging.log_interval must be > 0, got {cfg.logging.log_interval}")

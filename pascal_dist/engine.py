@@ -79,6 +79,15 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict):
     return engine, optimizer, scheduler
 
 
+def compile_engine(engine, activation_memory_budget: float = 1.0) -> None:
+    """engine.compile(), with torch.compile's activation memory budget (see TrainConfig). The budget is a global of
+    torch's partitioner, read when the graphs are compiled (the first step), so it is set here, before."""
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = activation_memory_budget
+    engine.compile()
+
+
 def _checked_zero_1_2(optimizer) -> bool:
     """Whether `optimizer` is DeepSpeed's ZeRO-1/2 optimizer in a version whose step the patches here were read
     against and tested with (tests/test_engine.py)."""

@@ -26,7 +26,7 @@ from pascal_dist.checkpoint import Checkpointer, CheckpointError, Identity, list
 from pascal_dist.config import ConfigError, load_ds_config, to_yaml
 from pascal_dist.data import DataError, TrainLoader, read_manifest, val_batches
 from pascal_dist.dist_env import DistEnv
-from pascal_dist.engine import build_engine, init_distributed
+from pascal_dist.engine import build_engine, compile_engine, init_distributed
 from pascal_dist.metrics import MetricsWriter, StepTimer, memory_gib
 from pascal_dist.model import PascalGPT
 from pascal_dist.preemption import (EXIT_NUMERICAL, EXIT_PREEMPTED, NONE, SIGNALLED, StopTraining, StopVote,
@@ -92,7 +92,7 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, t, ds_config)
         seed_everything(t.seed + 1000 * (env.rank + 1))  # independent dropout masks per rank
         if t.compile if t.compile is not None else torch.cuda.is_available():
-            self.engine.compile()
+            compile_engine(self.engine, t.activation_memory_budget)
 
         self.metrics = MetricsWriter(os.path.join(self.run_dir, "tensorboard"),
                                      enabled=env.is_main and cfg.logging.tensorboard)

@@ -100,3 +100,15 @@ def test_bench_memory_counts_dropout_as_a_gpu_keeps_it(monkeypatch):
     extra = (bench_memory.peak_gib(a, "fused", 0.1)[0] - bench_memory.peak_gib(a, "fused", 0.0)[0]) * 2**30
     masks = (6 * a.n_layer + 1) * a.batch * a.block_size * a.n_embd  # per layer d + 4d + d bytes; the embedding's
     assert extra == pytest.approx(masks, rel=1e-9)
+
+
+def test_bench_memory_compiled_columns_follow_the_memory_budget(monkeypatch):
+    """The compiled columns come from torch.compile's partitioner: a lower activation memory budget saves less
+    (recomputing pointwise ops), and at torch's default it saves about what eager keeps."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
+    import bench_memory
+
+    a = argparse.Namespace(n_layer=2, n_embd=64, n_head=2, block_size=128, batch=8, vocab=64)
+    default, lean = (bench_memory.compiled_saved_gib(a, "fused", 0.1, b) for b in (1.0, 0.9))
+    eager = bench_memory.peak_gib(a, "fused", 0.1)[1]
+    assert lean < 0.9 * default and 0.5 * eager < default < 1.5 * eager, (lean, default, eager)

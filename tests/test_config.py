@@ -79,6 +79,8 @@ def test_bad_values_name_the_key(tmp_path):
     # All problems at once, so one edit fixes them.
     with pytest.raises(ConfigError, match=r"train.grad_accum must be > 0, got 0; train.lr must be > 0"):
         load_config(None, ["train.lr=0", "train.grad_accum=0"])
+    with pytest.raises(ConfigError, match=r"train.activation_memory_budget must be in \(0, 1\], got 1.5"):
+        load_config(None, ["train.activation_memory_budget=1.5"])
     with pytest.raises(ConfigError, match=r"not of the form key=value"):
         load_config(None, ["train.lr"])
     with pytest.raises(ConfigError, match=r"config file 'nope.yaml' not found"):

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from pascal_dist.engine import lr_lambda
+from pascal_dist.engine import compile_engine, lr_lambda
 from pascal_dist.schema import TrainConfig
 from tests.helpers import run_torchrun
 
@@ -18,6 +18,20 @@ def test_spec_schedule_shape():
     assert f(19999) == pytest.approx(0.1)
     values = [f(s) for s in range(2000, 8001)]
     assert all(a >= b for a, b in zip(values, values[1:])), "cosine part must not increase"
+
+
+def test_compile_engine_sets_the_memory_budget_before_compiling(monkeypatch):
+    import torch._functorch.config as functorch_config
+
+    monkeypatch.setattr(functorch_config, "activation_memory_budget", 1.0)
+    seen = []
+
+    class Engine:
+        def compile(self):
+            seen.append(functorch_config.activation_memory_budget)
+
+    compile_engine(Engine(), 0.9)
+    assert seen == [0.9]
 
 
 # One process of a 2-rank run (torchrun, gloo): four engine steps of a tiny model, rank 1's theta gradient made
