@@ -27,7 +27,8 @@ from pascal_dist.config import load_ds_config
 from pascal_dist.cli import run_rank
 from pascal_dist.dispatch_count import DispatchCounter
 from pascal_dist.dist_env import DistEnv
-from pascal_dist.engine import build_engine, compile_engine, init_distributed, restore_deepspeed_step
+from pascal_dist.engine import build_engine, compile_engine, init_distributed
+from pascal_dist.zero_step import restore_deepspeed_step
 from pascal_dist.model import PascalGPT
 from pascal_dist.schema import ModelConfig, RunConfig, TrainConfig
 from shapes import CPU_SIZED, SPEC, add_shape_args, model_config

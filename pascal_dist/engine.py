@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from pascal_dist import zero_step
 from pascal_dist.dist_env import DistEnv, export
 from pascal_dist.schema import TrainConfig
 
@@ -74,8 +75,7 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    skip_redundant_overflow_scan(optimizer)
-    foreach_grad_norm(optimizer)
+    zero_step.apply(optimizer)  # DeepSpeed's step without its redundant work (pascal_dist/zero_step.py)
     return engine, optimizer, scheduler
 
 
@@ -86,82 +86,3 @@ def compile_engine(engine, activation_memory_budget: float = 1.0) -> None:
 
     functorch_config.activation_memory_budget = activation_memory_budget
     engine.compile()
-
-
-def _checked_zero_1_2(optimizer) -> bool:
-    """Whether `optimizer` is DeepSpeed's ZeRO-1/2 optimizer in a version whose step the patches here were read
-    against and tested with (tests/test_engine.py)."""
-    import deepspeed
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-    from packaging.version import Version
-
-    return (Version("0.19.8") <= Version(deepspeed.__version__) < Version("0.20")
-            and isinstance(optimizer, DeepSpeedZeroOptimizer))
-
-
-def skip_redundant_overflow_scan(optimizer) -> bool:
-    """Let ZeRO-1/2 in bf16 find non-finite gradients the way ZeRO-3 does: from the global gradient norm alone.
-
-    Before its step, DeepSpeed's ZeRO-1/2 optimizer scans every gradient tensor for inf/NaN (about five kernels
-    per tensor, an all-reduce and a host read: half the ops of the whole engine step for the SPEC model, see
-    bench/bench_step.py) and then computes the global gradient norm for clipping, which it also checks: a norm
-    that is not finite skips the step on every rank (the norm is all-reduced, so every rank decides alike). Any
-    inf or NaN gradient makes that norm inf or NaN, so in bf16 the scan finds nothing the norm check would not;
-    DeepSpeed's ZeRO-3 relies on the norm alone in bf16. Applied only where that norm check runs (bf16, the norm
-    computed, no CPU offload) in the DeepSpeed versions read and tested for it (tests/test_engine.py: older ones
-    lack the norm check); returns whether it was.
-    """
-    applies = (_checked_zero_1_2(optimizer) and optimizer.dtype == torch.bfloat16
-               and getattr(optimizer, "check_grad_overflow", False) and getattr(optimizer, "compute_grad_norm", False)
-               and not optimizer.cpu_offload)
-    if applies:
-        optimizer.check_overflow = lambda partition_gradients=True: None  # step() then sets overflow from the norm
-    return applies
-
-
-def restore_deepspeed_step(optimizer) -> bool:
-    """Undo skip_redundant_overflow_scan and foreach_grad_norm: DeepSpeed's own ZeRO-1/2 step again (benchmarks and
-    tests compare the two); returns whether either was applied."""
-    patched = [vars(optimizer).pop(name, None) for name in ("check_overflow", "get_grad_norm_direct")]
-    return any(p is not None for p in patched)
-
-
-def foreach_grad_norm(optimizer) -> bool:
-    """Compute ZeRO-1/2's global gradient norm with one for-each kernel instead of two kernels per tensor.
-
-    DeepSpeed's get_grad_norm_direct copies every gradient tensor of the partition to fp64 and takes its norm,
-    one tensor at a time: for the SPEC model about 200 launches and an fp64 copy of every gradient, each step.
-    torch._foreach_norm with dtype=float64 accumulates in fp64 without the copies, in a few launches. The rest is
-    DeepSpeed's: the same tensors counted (padding, pipeline replicas and model-parallel duplicates left out),
-    the same all-reduces, and a non-finite norm masked to -1, which makes the step skip. L2 only (what clipping
-    asks for); anything else goes to DeepSpeed's own. Returns whether it was applied.
-    """
-    if not _checked_zero_1_2(optimizer):
-        return False
-    from deepspeed import comm as dist
-    from deepspeed.runtime.utils import is_model_parallel_parameter, mask_nan_or_inf_with_val_inplace
-    from deepspeed.runtime.zero.utils import get_norm_dtype
-
-    own = type(optimizer).get_grad_norm_direct
-
-    def grad_norm_direct(gradients, params, norm_type=2):
-        if float(norm_type) != 2.0:
-            return own(optimizer, gradients, params, norm_type)
-        grads = (g for g in gradients if not getattr(g, "_zero_padding", False))
-        counted = [g.detach() for g, p in zip(grads, params)
-                   if not getattr(p, "ds_pipe_replicated", False)
-                   and (is_model_parallel_parameter(p) or optimizer.model_parallel_rank == 0)]
-        if counted:
-            norms = torch._foreach_norm(counted, 2.0, dtype=get_norm_dtype())
-            total = torch.stack(norms).square().sum().float()
-        else:
-            total = torch.zeros((), dtype=torch.float32, device=optimizer.device)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=optimizer.dp_process_group)
-        optimizer._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
-        total = total.sqrt()
-        mask_nan_or_inf_with_val_inplace(total, device=optimizer.device)
-        return total
-
-    optimizer.get_grad_norm_direct = grad_norm_direct
-    return True
-
