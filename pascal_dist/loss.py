@@ -46,26 +46,33 @@ def _chunk_softmax(hs: Tensor, weight: Tensor, ts: Tensor) -> tuple[Tensor, Tens
     return probs.div_(total), loss
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, h: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
-        dtype = _compute_dtype(h)
-        with torch.autocast(h.device.type, enabled=False):
-            hc, wc = h.to(dtype), weight.to(dtype)
-            acc = _accumulate_dtype(dtype)
-            loss = torch.zeros((), device=h.device, dtype=acc)
-            grad_h = torch.empty_like(hc)
-            grad_w = torch.zeros(weight.shape, device=h.device, dtype=acc)
-            for s in range(0, h.size(0), chunk):
-                hs, ts = hc[s:s + chunk], targets[s:s + chunk]
-                g, chunk_loss = _chunk_softmax(hs, wc, ts)
-                loss += chunk_loss
-                # d(sum of losses)/d logits = softmax - onehot; the 1/N of the mean is applied in backward, so
-                # that an fp16 loss scale multiplies gradients before they can underflow
+def _chunked(h: Tensor, weight: Tensor, targets: Tensor, chunk: int, grads: bool):
+    """(the summed loss, d sum / d h, d sum / d weight), chunk by chunk; the gradients None unless `grads`. They
+    are of the sum, not the mean: the 1/N (and any loss scale) is applied in backward, so that an fp16 loss scale
+    multiplies them before they can underflow."""
+    dtype = _compute_dtype(h)
+    with torch.autocast(h.device.type, enabled=False):
+        hc, wc = h.to(dtype), weight.to(dtype)
+        acc = _accumulate_dtype(dtype)
+        loss = torch.zeros((), device=h.device, dtype=acc)
+        grad_h = torch.empty_like(hc) if grads else None
+        grad_w = torch.zeros(weight.shape, device=h.device, dtype=acc) if grads else None
+        for s in range(0, h.size(0), chunk):
+            hs, ts = hc[s:s + chunk], targets[s:s + chunk]
+            g, chunk_loss = _chunk_softmax(hs, wc, ts)
+            loss += chunk_loss
+            if grads:  # d loss / d logits = softmax - onehot
                 g.scatter_add_(1, ts[:, None], torch.full_like(ts[:, None], -1.0, dtype=g.dtype))
                 g = g.to(dtype)
                 grad_h[s:s + chunk] = g @ wc
                 grad_w += (g.t() @ hs).to(acc)
+    return loss, grad_h, grad_w
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
+        loss, grad_h, grad_w = _chunked(h, weight, targets, chunk, grads=True)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.n, ctx.dtypes = h.size(0), (h.dtype, weight.dtype)
         return loss / h.size(0)
@@ -87,10 +94,4 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int 
     chunk = chunk or chunk_tokens(weight.size(0))
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, targets, chunk)
-    dtype = _compute_dtype(h)
-    with torch.autocast(h.device.type, enabled=False):
-        hc, wc = h.to(dtype), weight.to(dtype)
-        total = torch.zeros((), device=h.device, dtype=_accumulate_dtype(dtype))
-        for s in range(0, h.size(0), chunk):
-            total += _chunk_softmax(hc[s:s + chunk], wc, targets[s:s + chunk])[1]
-    return total / h.size(0)
+    return _chunked(h, weight, targets, chunk, grads=False)[0] / h.size(0)
