@@ -72,6 +72,8 @@ class StopVote:
     def __init__(self, device: torch.device):
         self.device = device
         self._pending = None  # (host tensor holding the reduced vote, what to wait on before reading it)
+        # one vote is in flight at a time, so one pinned landing place serves every step (no allocation per step)
+        self._host = torch.empty(1, dtype=torch.int64, pin_memory=True) if device.type == "cuda" else None
 
     def cast(self, reason: int) -> None:
         """Start reducing this rank's reason; every rank casts at the same boundaries, in the same order."""
@@ -81,11 +83,10 @@ class StopVote:
         work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, async_op=True)
         if self.device.type == "cuda":
             work.wait()  # orders the copy after the collective on the stream; the host does not wait
-            host = torch.empty(1, dtype=torch.int64, pin_memory=True)
-            host.copy_(vote, non_blocking=True)
+            self._host.copy_(vote, non_blocking=True)
             arrived = torch.cuda.Event()
             arrived.record()
-            self._pending = (host, arrived.synchronize)
+            self._pending = (self._host, arrived.synchronize)
         else:
             self._pending = (vote, work.wait)
 
