@@ -97,9 +97,10 @@ def main() -> int:
                         print(f"| fused {name} | {D} | {dropout} | {opts['BLOCK_M']} x {opts['BLOCK_N']} | {warps} | "
                               f"{stages} | {row} |")
             elif name == "delta":
-                constants = dict(BLOCK_M=fa.DELTA_ROWS, BLOCK_D=max(16, triton.next_power_of_2(D)))
-                row = compile_row(fa._delta_kernel, data, constants, 4, a.arch)
-                print(f"| fused delta | {D} | - | {fa.DELTA_ROWS} rows | 4 | 3 | {row} |")
+                constants = fa.tiles(D, "delta", dtype)
+                warps = constants.pop("num_warps")
+                row = compile_row(fa._delta_kernel, data, constants, warps, a.arch)
+                print(f"| fused delta | {D} | - | {constants['BLOCK_M']} rows | {warps} | 3 | {row} |")
             else:
                 backward = name == "band_bwd"
                 block_m, warps = bk._blocking(D, backward)

@@ -290,9 +290,11 @@ DELTA_ROWS = 64  # query rows per program of _delta_kernel (memory-bound: any si
 
 
 def tiles(head_dim: int, kernel: str, dtype: torch.dtype) -> dict:
-    """Launch options of `kernel` ("fwd", "dq", "dkdv") from TILES. float32 (exact matmuls without tensor cores;
-    tests and debugging, not training) takes small tiles so that it fits in shared memory on any card."""
+    """Launch options of `kernel` ("fwd", "dq", "dkdv" from TILES; "delta"). float32 (exact matmuls without tensor
+    cores; tests and debugging, not training) takes small tiles so that it fits in shared memory on any card."""
     block_d = max(16, triton.next_power_of_2(head_dim))
+    if kernel == "delta":
+        return dict(BLOCK_M=DELTA_ROWS, BLOCK_D=block_d, num_warps=4)
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4)
     block_m, block_n, warps, stages = TILES[(kernel, 64 if head_dim <= 64 else 128)]
@@ -338,9 +340,8 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     B, H, T, D = q.shape
     out = inner_contiguous(out)
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-    block_d = max(16, triton.next_power_of_2(D))
-    _delta_kernel[(triton.cdiv(T, DELTA_ROWS), B * H)](do, out, delta, *bht_strides(do, out), H, T, D,
-                                                       BLOCK_M=DELTA_ROWS, BLOCK_D=block_d)
+    opts = tiles(D, "delta", q.dtype)
+    _delta_kernel[(triton.cdiv(T, opts["BLOCK_M"]), B * H)](do, out, delta, *bht_strides(do, out), H, T, D, **opts)
     dq, dk, dv = (torch.empty((B, H, T, D), device=q.device, dtype=q.dtype) for _ in range(3))
     common = (*bht_strides(q, k, v, do), H, T, D, 1.0 / math.sqrt(D), dropout_p)
     flags = dict(WINDOW=a.numel(), DROPOUT=dropout_p > 0.0, IEEE=q.dtype == torch.float32)
