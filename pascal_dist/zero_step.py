@@ -10,14 +10,10 @@ import torch
 PATCHED = ("check_overflow", "get_grad_norm_direct")  # the optimizer attributes these patches set
 
 
-def apply(optimizer) -> list[str]:
-    """Both patches where they apply; returns the names of those applied."""
-    applied = []
-    if skip_redundant_overflow_scan(optimizer):
-        applied.append("skip_redundant_overflow_scan")
-    if foreach_grad_norm(optimizer):
-        applied.append("foreach_grad_norm")
-    return applied
+def apply(optimizer) -> None:
+    """Both patches, where they apply."""
+    skip_redundant_overflow_scan(optimizer)
+    foreach_grad_norm(optimizer)
 
 
 def restore_deepspeed_step(optimizer) -> bool:
@@ -87,7 +83,6 @@ def foreach_grad_norm(optimizer) -> bool:
 def _zero_1_2_norm(optimizer):
     from deepspeed import comm as dist
     from deepspeed.runtime.utils import is_model_parallel_parameter, mask_nan_or_inf_with_val_inplace
-    from deepspeed.runtime.zero.utils import get_norm_dtype
 
     own = type(optimizer).get_grad_norm_direct
 
@@ -99,8 +94,7 @@ def _zero_1_2_norm(optimizer):
                    if not getattr(p, "ds_pipe_replicated", False)
                    and (is_model_parallel_parameter(p) or optimizer.model_parallel_rank == 0)]
         if counted:
-            norms = torch._foreach_norm(counted, 2.0, dtype=get_norm_dtype())
-            total = torch.stack(norms).square().sum().float()
+            total = _sum_of_squared_norms(counted).float()
         else:
             total = torch.zeros((), dtype=torch.float32, device=optimizer.device)
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=optimizer.dp_process_group)
@@ -130,7 +124,7 @@ def _zero_3_norm(optimizer):
         counted = [g.to(device, non_blocking=True) for g, p in zip(gradients, params)
                    if is_model_parallel_parameter(p) or optimizer.model_parallel_rank == 0]
         if counted:
-            total = torch.stack(torch._foreach_norm(counted, 2.0, dtype=get_norm_dtype())).square().sum()
+            total = _sum_of_squared_norms(counted)
         else:
             total = torch.zeros((), dtype=get_norm_dtype(), device=device)
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
@@ -139,3 +133,10 @@ def _zero_3_norm(optimizer):
         return torch.where(invalid, torch.tensor(-1.0, device=optimizer.device, dtype=torch.float), total)
 
     return grad_norm_direct
+
+
+def _sum_of_squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """sum_i ||t_i||^2 in DeepSpeed's norm dtype (fp64 where the device has it): one for-each kernel for the norms."""
+    from deepspeed.runtime.zero.utils import get_norm_dtype
+
+    return torch.stack(torch._foreach_norm(tensors, 2.0, dtype=get_norm_dtype())).square().sum()
