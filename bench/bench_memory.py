@@ -50,15 +50,19 @@ def gpu_dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace:
     return torch.native_dropout(x, p, True)[0] if training and p > 0 else x
 
 
+def bf16_model(cfg) -> PascalGPT:
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        return PascalGPT(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def peak_gib(a: argparse.Namespace, backend: str, dropout: float) -> tuple[float, float, int]:
     """(peak GiB of the step, of which activations and temporaries, parameter count) in bf16."""
     cfg = model_config(a, backend, dropout)
     with FakeTensorMode(), mock.patch.object(F, "dropout", gpu_dropout):
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            model = PascalGPT(cfg)
-        finally:
-            torch.set_default_dtype(torch.float32)
+        model = bf16_model(cfg)
         x = torch.randint(0, cfg.vocab_size, (a.batch, a.block_size))
         tracker = MemTracker()
         tracker.track_external(model, x)
@@ -78,11 +82,7 @@ def compiled_saved_gib(a: argparse.Namespace, backend: str, dropout: float, budg
     from torch._inductor.decomposition import select_decomp_table
 
     cfg = model_config(a, backend, dropout)
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        model = PascalGPT(cfg)  # real weights: dynamo traces real inputs (on fake copies; nothing runs)
-    finally:
-        torch.set_default_dtype(torch.float32)
+    model = bf16_model(cfg)  # real weights: dynamo traces real inputs (on fake copies; nothing runs)
     saved: list[torch.Tensor] = []
 
     def forward_compiler(gm: torch.fx.GraphModule, example_inputs) -> None:

@@ -28,9 +28,9 @@ from pascal_dist.cli import run_rank
 from pascal_dist.dispatch_count import DispatchCounter
 from pascal_dist.dist_env import DistEnv
 from pascal_dist.engine import build_engine, compile_engine, init_distributed
-from pascal_dist.zero_step import restore_deepspeed_step
 from pascal_dist.model import PascalGPT
 from pascal_dist.schema import ModelConfig, RunConfig, TrainConfig
+from pascal_dist.zero_step import restore_deepspeed_step
 from shapes import CPU_SIZED, SPEC, add_shape_args, model_config
 
 
@@ -48,7 +48,7 @@ def parse() -> argparse.Namespace:
                         "(default: configs/zero1.json, zero2.json, zero3.json)")
     p.add_argument("--ds-own", action="append", default=[], metavar="PATH[:key=value...]",
                    help="also time this config with DeepSpeed's own ZeRO-1/2 step (its per-tensor overflow scan and "
-                        "gradient norm), which pascal-dist replaces (pascal_dist.engine): their cost")
+                        "gradient norm), which pascal-dist replaces (pascal_dist.zero_step): their cost")
     p.add_argument("--profile", default=None, metavar="DIR", help="also profile 3 steps of each row into DIR")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--memory-budget", type=float, default=1.0,
@@ -188,7 +188,8 @@ def main() -> None:
         rows.append((f"DeepSpeed {spec}, DeepSpeed's own step", zero(a, spec, x, deepspeed_step=True)))
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{card}, torch {torch.__version__}, L={a.n_layer} d={a.n_embd} T={a.block_size} B={a.batch}, "
-          f"backend {a.backend}, dropout {a.dropout:g}, compile={a.compile} (memory budget {a.memory_budget:g}), {a.steps} timed steps after {a.warmup}; "
+          f"backend {a.backend}, dropout {a.dropout:g}, compile={a.compile} (memory budget {a.memory_budget:g}), "
+          f"{a.steps} timed steps after {a.warmup}; "
           f"ops and host waits counted in one eager step\n")
     print("| loop | ms/step | tokens/s | ratio | model TFLOP/s | MFU | peak GiB | ops/step | host waits/step |\n"
           "|---|---|---|---|---|---|---|---|---|")
