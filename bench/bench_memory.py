@@ -100,7 +100,8 @@ def compiled_saved_gib(a: argparse.Namespace, backend: str, dropout: float, budg
 
     x = torch.randint(0, cfg.vocab_size, (a.batch, a.block_size))
     torch._dynamo.reset()
-    with mock.patch.object(functorch_config, "activation_memory_budget", budget):
+    # torch's own patch: mock.patch.object's undo deletes a torch config entry in torch 2.11
+    with functorch_config.patch(activation_memory_budget=budget):
         try:
             torch.compile(model, backend=backend_fn, fullgraph=True)(x, x)
         except Exception:  # dynamo wraps _Traced; anything else left `saved` empty and is raised below

@@ -58,6 +58,13 @@ def _flash_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse:
     return aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, o, lse, 0.0, True, scale=scale)
 
 
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x in `dtype`, and x itself when it already is, without even a no-op `.to`: under torch.compile in torch 2.11,
+    an autograd.Function whose forward returns such an alias of an intermediate gets a zero gradient
+    (pytorch/pytorch#180642; tests/test_banded_attention.py compares compiled and eager gradients)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _shift_down(x: Tensor, m: int) -> Tensor:
     """Row i of the result is row i - m of x (zeros for i < m): key/value at distance m from query i."""
     if m == 0:
@@ -93,7 +100,7 @@ def _torch_band_forward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
         w = torch.expm1(af[m]) * _band_probs(qf, kf, lse_f, m, scale)  # (B, H, T)
         num = num + w.unsqueeze(-1) * _shift_down(vf, m)
         wsum = wsum + w
-    return (num / (1.0 + wsum).unsqueeze(-1)).to(q.dtype), (lse_f + torch.log1p(wsum)).to(lse.dtype)
+    return _cast(num / (1.0 + wsum).unsqueeze(-1), q.dtype), _cast(lse_f + torch.log1p(wsum), lse.dtype)
 
 
 def _torch_band_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, do: Tensor, dq: Tensor,
