@@ -9,10 +9,9 @@ import os
 import pytest
 import torch
 
-from tests.helpers import require_triton
+from tests.helpers import FUSED_INTERPRETER_FROM, require_triton
 
-# older interpreters turn tensor loop bounds into Python ints in a way NumPy 2 refuses (seen with 3.5)
-require_triton(interpreter_from=(3, 9))
+require_triton(interpreter_from=FUSED_INTERPRETER_FROM)
 from pascal_dist.fused_attention import dropout_mask  # noqa: E402
 from tests.test_banded_attention import (LABELS, assert_compiles_like_eager, assert_float32_close,  # noqa: E402
                                          batch, build, inputs, loss_and_grads, ref64, rel_err, run_backend)
