@@ -1,10 +1,11 @@
 """One training step of the model, plain PyTorch loop vs the DeepSpeed ZeRO engine (stages 1, 2, 3), side by side.
 
 Same model, same random tokens, one process; the ratio is tokens/s over the plain loop's. On a GPU it also
-reports model TFLOP/s (6N + 12 L d T per token), MFU against --peak-tflops, and peak memory. On any machine it
-counts, for one step run eagerly, the ops dispatched (kernel launches on a GPU) and the host waits (reads of
-device values and device synchronizes: each one stalls the GPU until the CPU catches up): the engine's overhead
-in launches and stalls, before a GPU times it. The engine rows run the project's own configs/zero*.json (what
+reports model TFLOP/s (6N + 12 L d T per token), MFU against --peak-tflops, and peak memory; at the SPEC
+shape, the SPEC recipe's training time projected from each row's step time. On any machine it counts, for one
+step run eagerly, the ops dispatched (kernel launches on a GPU) and the host waits (reads of device values and
+device synchronizes: each one stalls the GPU until the CPU catches up): the engine's overhead in launches and
+stalls, before a GPU times it. The engine rows run the project's own configs/zero*.json (what
 `launcher/train.py` runs), or variants given with --ds, e.g.
 
     python bench/bench_step.py                                   # CPU-sized defaults, configs/zero{1,2,3}.json
@@ -171,6 +172,16 @@ def zero(a: argparse.Namespace, spec: str, x: torch.Tensor, deepspeed_step: bool
     return result
 
 
+def projected_recipe(rows: list[tuple[str, dict]]) -> str:
+    """The SPEC recipe's training time from each row's step time (the shape must be SPEC's micro-batch)."""
+    t = TrainConfig()
+    micro_steps = t.max_steps * t.grad_accum
+    times = "; ".join(f"{name} {micro_steps * r['seconds'] / 60:.0f} min" for name, r in rows)
+    return (f"SPEC recipe projected from these step times ({t.max_steps:,} optimizer steps x {t.grad_accum} "
+            f"micro-batches of this shape, each timed with its own optimizer step, so an upper bound; evaluation "
+            f"not included): {times}. The research code: about 250 min on one A100.")
+
+
 def main() -> None:
     a = parse()
     import torch._functorch.config as functorch_config
@@ -199,6 +210,8 @@ def main() -> None:
         mfu = f"{tflops / a.peak_tflops:.1%}" if a.peak_tflops else "-"
         print(f"| {name} | {r['seconds'] * 1e3:.1f} | {tokens / r['seconds']:,.0f} | {base / r['seconds']:.2f} | "
               f"{tflops:.2f} | {mfu} | {r['peak']:.2f} | {r['launches']:,} | {r['host_waits']} |")
+    if all(getattr(a, k) == v for k, v in SPEC.items()):
+        print("\n" + projected_recipe(rows))
     print("\nmost frequent ops per row: " + "; ".join(
         f"{name}: " + ", ".join(f"{op} {n}" for op, n in r["top"][:5]) for name, r in rows))
     torch.distributed.destroy_process_group()

@@ -45,6 +45,15 @@ def test_bench_step_runs_the_shipped_configs_and_variants(tmp_path):
     assert len(list(tmp_path.glob("*.txt"))) == 4 and len(list(tmp_path.glob("*.trace.json"))) == 4
 
 
+def test_bench_step_projects_the_spec_recipe_from_the_step_time(monkeypatch):
+    """The README's projected SPEC time: 20,000 optimizer steps x 2 micro-batches at the measured step time."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
+    import bench_step
+
+    line = bench_step.projected_recipe([("plain", {"seconds": 0.025}), ("ZeRO-2", {"seconds": 0.0275})])
+    assert "plain 17 min; ZeRO-2 18 min" in line and "20,000 optimizer steps x 2" in line
+
+
 def test_check_numerics_passes_on_cpu():
     from tests.helpers import FUSED_INTERPRETER_FROM, triton_cannot_run
 
