@@ -23,9 +23,11 @@ def chunk_tokens(vocab: int) -> int:
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the head's matmuls would run in: autocast's when it is on (the plain loop), else the input's."""
+    """The dtype the head's matmuls would run in: autocast's when it is on (the plain loop), else the input's.
+    Autocast leaves float64 matmuls alone, and so does this."""
     dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    autocast = torch.is_autocast_enabled(dev) and x.dtype != torch.float64
+    return torch.get_autocast_dtype(dev) if autocast else x.dtype
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -79,9 +81,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        if torch.is_grad_enabled():  # backward(create_graph=True): the saved gradients have no graph to go through
+            raise RuntimeError("linear_cross_entropy: no double backward (create_graph=True); its gradients are "
+                               "computed in forward. Use F.cross_entropy on the logits for higher-order gradients")
         grad_h, grad_w = ctx.saved_tensors
         scale = grad_loss / ctx.n
-        return (grad_h * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None, None
+        # scaled in fp32 (grad_w already is): a half-precision grad_h would round the scale to half first, and an
+        # fp16 loss scale over 65504 would turn every gradient into inf
+        acc = _accumulate_dtype(grad_h.dtype)
+        return (grad_h.to(acc) * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None, None
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int | None = None) -> Tensor:

@@ -71,6 +71,25 @@ def test_without_grad_only_the_loss():
     torch.testing.assert_close(loss, linear_cross_entropy(h, w, t, chunk=8).detach())
 
 
+def test_float64_stays_float64_under_autocast():
+    """Autocast leaves float64 matmuls alone, and so does the loss (a float64 reference inside an autocast region)."""
+    h, w, t = inputs(37, 24, 70, torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, t, chunk=8)
+    ref, _, _ = ref64(h, w, t, 1.0)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+
+
+def test_double_backward_is_refused():
+    """The gradients are computed in forward, so create_graph=True could only return gradients without a graph:
+    a gradient penalty built on them would silently lose its own gradient."""
+    h, w, t = inputs(16, 8, 20, torch.float64)
+    loss = linear_cross_entropy(h, w, t, chunk=8)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(loss, h, create_graph=True)
+
+
 def test_compiles_without_graph_breaks():
     h, w, t = inputs(48, 16, 40, torch.float32)
     fn = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t, chunk=16),
@@ -121,3 +140,18 @@ def test_cuda_bf16_and_compiled_match_float64():
         gh, gw = torch.autograd.grad(loss, (h, w))
         assert abs(loss.item() - ref.item()) < 1e-2 * ref.item()
         assert max_rel(gh, dh) < 2e-2 and max_rel(gw, dw) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp16_loss_scale_above_the_fp16_range():
+    """An fp16 loss scale / tokens above 65504 (fp16's largest) still gives finite, exact gradients when the scaled
+    gradients themselves fit: the scale is applied in fp32, not first rounded to fp16 (where it is inf)."""
+    h, w, t = inputs(16, 24, 70, torch.float32, seed=4)
+    h, w = (x.detach().mul(s).half().cuda().requires_grad_() for x, s in ((h, 1.0), (w, 0.01)))
+    scale = 2.0 ** 21  # / 16 tokens = 131072
+    loss = linear_cross_entropy(h, w, t.cuda(), chunk=8)
+    gh, gw = torch.autograd.grad(loss * scale, (h, w))
+    _, dh, dw = ref64(h, w, t.cuda(), scale)
+    assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
+    assert max_rel(gh, dh) < 5e-3 and max_rel(gw, dw) < 5e-3
