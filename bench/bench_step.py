@@ -56,6 +56,8 @@ def parse() -> argparse.Namespace:
                    help="torch.compile's activation memory budget (train.activation_memory_budget), every row")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the card's bf16 dense peak, for MFU")
     a = p.parse_args()
+    if a.warmup < 1:
+        p.error(f"--warmup must be at least 1 (the first step, which compiles, is timed apart), got {a.warmup}")
     if a.spec:
         vars(a).update(SPEC)
     return a
@@ -83,8 +85,12 @@ def fresh_memory() -> float:
 def timed(step, a: argparse.Namespace, name: str, before_gib: float) -> dict:
     """Seconds per step; then (outside the timing) one counted step and, with --profile, a profile.
     Peak memory is that of this row alone: what was allocated before it was built is subtracted."""
-    for _ in range(a.warmup):
+    start = time.perf_counter()
+    for i in range(a.warmup):
         step()
+        if i == 0:
+            sync()
+            first = time.perf_counter() - start  # with torch.compile's compilation: what a GPU session pays per row
     sync()
     start = time.perf_counter()
     for _ in range(a.steps):
@@ -97,7 +103,8 @@ def timed(step, a: argparse.Namespace, name: str, before_gib: float) -> dict:
     with torch.compiler.set_stance("force_eager"), DispatchCounter() as counted:
         step()
     sync()
-    return {"seconds": seconds, "peak": peak, "launches": counted.launches, "host_waits": counted.host_waits,
+    return {"seconds": seconds, "first": first, "peak": peak, "launches": counted.launches,
+            "host_waits": counted.host_waits,
             "top": counted.top(8)}
 
 
@@ -202,14 +209,14 @@ def main() -> None:
           f"backend {a.backend}, dropout {a.dropout:g}, compile={a.compile} (memory budget {a.memory_budget:g}), "
           f"{a.steps} timed steps after {a.warmup}; "
           f"ops and host waits counted in one eager step\n")
-    print("| loop | ms/step | tokens/s | ratio | model TFLOP/s | MFU | peak GiB | ops/step | host waits/step |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+    print("| loop | ms/step | tokens/s | ratio | model TFLOP/s | MFU | peak GiB | first step s | ops/step "
+          "| host waits/step |\n|---|---|---|---|---|---|---|---|---|---|")
     base = rows[0][1]["seconds"]
     for name, r in rows:
         tflops = flops_per_token * tokens / r["seconds"] / 1e12
         mfu = f"{tflops / a.peak_tflops:.1%}" if a.peak_tflops else "-"
         print(f"| {name} | {r['seconds'] * 1e3:.1f} | {tokens / r['seconds']:,.0f} | {base / r['seconds']:.2f} | "
-              f"{tflops:.2f} | {mfu} | {r['peak']:.2f} | {r['launches']:,} | {r['host_waits']} |")
+              f"{tflops:.2f} | {mfu} | {r['peak']:.2f} | {r['first']:.1f} | {r['launches']:,} | {r['host_waits']} |")
     if all(getattr(a, k) == v for k, v in SPEC.items()):
         print("\n" + projected_recipe(rows))
     print("\nmost frequent ops per row: " + "; ".join(
