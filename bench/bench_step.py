@@ -216,7 +216,7 @@ def main() -> None:
         tflops = flops_per_token * tokens / r["seconds"] / 1e12
         mfu = f"{tflops / a.peak_tflops:.1%}" if a.peak_tflops else "-"
         print(f"| {name} | {r['seconds'] * 1e3:.1f} | {tokens / r['seconds']:,.0f} | {base / r['seconds']:.2f} | "
-              f"{tflops:.2f} | {mfu} | {r['peak']:.2f} | {r['first']:.1f} | {r['launches']:,} | {r['host_waits']} |")
+              f"{tflops:.2f} | {mfu} | {r['peak']:.2f} | {r['first']:.2f} | {r['launches']:,} | {r['host_waits']} |")
     if all(getattr(a, k) == v for k, v in SPEC.items()):
         print("\n" + projected_recipe(rows))
     print("\nmost frequent ops per row: " + "; ".join(

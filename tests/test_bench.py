@@ -40,7 +40,7 @@ def test_bench_step_runs_the_shipped_configs_and_variants(tmp_path):
                            "DeepSpeed configs/zero2.json, DeepSpeed's own step"]
     ops = {name: int(c[-2].replace(",", "")) for name, c in cells.items()}
     waits = {name: int(c[-1]) for name, c in cells.items()}
-    assert all(float(c[-3]) > 0 for c in cells.values())  # the first (compiling) step, timed apart
+    assert all(float(c[-3]) >= 0 for c in cells.values())  # the first (compiling) step, timed apart
     assert waits["plain PyTorch"] == 0
     assert ops["DeepSpeed configs/zero2.json, DeepSpeed's own step"] > ops["DeepSpeed configs/zero2.json"]
     assert len(list(tmp_path.glob("*.txt"))) == 4 and len(list(tmp_path.glob("*.trace.json"))) == 4
