@@ -28,7 +28,7 @@ from pascal_dist.config import load_ds_config
 from pascal_dist.cli import run_rank
 from pascal_dist.dispatch_count import DispatchCounter
 from pascal_dist.dist_env import DistEnv
-from pascal_dist.engine import build_engine, compile_engine, init_distributed
+from pascal_dist.engine import build_engine, compile_engine, init_distributed, set_activation_memory_budget
 from pascal_dist.model import PascalGPT
 from pascal_dist.schema import ModelConfig, RunConfig, TrainConfig
 from pascal_dist.zero_step import restore_deepspeed_step
@@ -104,8 +104,7 @@ def timed(step, a: argparse.Namespace, name: str, before_gib: float) -> dict:
         step()
     sync()
     return {"seconds": seconds, "first": first, "peak": peak, "launches": counted.launches,
-            "host_waits": counted.host_waits,
-            "top": counted.top(8)}
+            "host_waits": counted.host_waits, "top": counted.top(8)}
 
 
 def profile(step, out_dir: str, name: str) -> None:
@@ -191,9 +190,7 @@ def projected_recipe(rows: list[tuple[str, dict]]) -> str:
 
 def main() -> None:
     a = parse()
-    import torch._functorch.config as functorch_config
-
-    functorch_config.activation_memory_budget = a.memory_budget  # the plain loop's; compile_engine sets the same
+    set_activation_memory_budget(a.memory_budget)  # for the plain loop's torch.compile; compile_engine's rows too
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     init_distributed(DistEnv(0, 0, 1, "127.0.0.1", 0, "single"))
     x = torch.randint(0, a.vocab, (a.batch, a.block_size), device=device)

@@ -79,10 +79,15 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict):
     return engine, optimizer, scheduler
 
 
-def compile_engine(engine, activation_memory_budget: float = 1.0) -> None:
-    """engine.compile(), with torch.compile's activation memory budget (see TrainConfig). The budget is a global of
-    torch's partitioner, read when the graphs are compiled (the first step), so it is set here, before."""
+def set_activation_memory_budget(budget: float) -> None:
+    """torch.compile's activation memory budget (see TrainConfig): a global of torch's partitioner, read when a
+    graph is compiled (its first call), so it must be set before that."""
     import torch._functorch.config as functorch_config
 
-    functorch_config.activation_memory_budget = activation_memory_budget
+    functorch_config.activation_memory_budget = budget
+
+
+def compile_engine(engine, activation_memory_budget: float = 1.0) -> None:
+    """engine.compile(), with torch.compile's activation memory budget set first."""
+    set_activation_memory_budget(activation_memory_budget)
     engine.compile()
