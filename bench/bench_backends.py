@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 
 import pascal_dist.banded_attention as banded_attention
+from pascal_dist.config import COMPILE_SCOPES
+from pascal_dist.engine import compile_model
 from pascal_dist.model import PascalGPT
 from shapes import CPU_SIZED, add_shape_args, model_config
 
@@ -29,6 +31,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=4, help="rounds of --steps, backends interleaved")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-scope", default="blocks", choices=COMPILE_SCOPES, help="train.compile_scope")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args()
 
@@ -47,13 +50,14 @@ def make_stepper(backend: str, a: argparse.Namespace, data: torch.Tensor) -> Cal
     model = PascalGPT(cfg).to(a.device).train()
     model.set_bias_step(cfg.bias.warmup_steps)  # full strength: costs the same as any other step
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=3e-4, betas=(0.9, 0.95), fused=True)
-    fwd = torch.compile(model) if a.compile else model
+    if a.compile:
+        compile_model(model, a.compile_scope)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.device.startswith("cuda"))
 
     def step(i: int) -> torch.Tensor:
         banded_attention.KERNELS = kernels or "auto"  # a global: compiled graphs guard on it
         with amp:
-            _, loss = fwd(data[i, :, :-1], data[i, :, 1:])
+            _, loss = model(data[i, :, :-1], data[i, :, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -89,7 +93,8 @@ def main() -> None:
     ceiling = tps["none"] if "none" in tps else tps[names[0]]
     dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{dev}, torch {torch.__version__}, L={a.n_layer} d={a.n_embd} h={a.n_head} T={a.block_size} "
-          f"B={a.batch} V={a.vocab}, {a.rounds}x{a.steps} timed steps after {a.warmup}, compile={a.compile}\n")
+          f"B={a.batch} V={a.vocab}, {a.rounds}x{a.steps} timed steps after {a.warmup}, compile={a.compile}"
+          f"{f' ({a.compile_scope})' if a.compile else ''}\n")
     print("| backend | tokens/s | ratio vs none | last loss |\n|---|---|---|---|")
     for name in names:
         print(f"| {name} | {tps[name]:,.0f} | {tps[name] / ceiling:.2f} | {float(last[name]):.3f} |")

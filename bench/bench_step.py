@@ -12,6 +12,7 @@ stalls, before a GPU times it. The engine rows run the project's own configs/zer
     python bench/bench_step.py --spec --compile --peak-tflops 989  # the SPEC model on an H100/H200 (bf16 dense peak)
     python bench/bench_step.py --ds configs/zero2.json --ds configs/zero2.json:zero_optimization.overlap_comm=false
     python bench/bench_step.py --ds configs/zero2.json --ds-own configs/zero2.json  # and DeepSpeed's own step
+    python bench/bench_step.py --spec --compile --compile-scope blocks,model --ds configs/zero2.json  # both scopes
     python bench/bench_step.py --profile out/                    # + a torch.profiler table and trace per row
 """
 from __future__ import annotations
@@ -24,11 +25,12 @@ import time
 
 import torch
 
-from pascal_dist.config import load_ds_config
+from pascal_dist.config import COMPILE_SCOPES, load_ds_config
 from pascal_dist.cli import run_rank
 from pascal_dist.dispatch_count import DispatchCounter
 from pascal_dist.dist_env import DistEnv
-from pascal_dist.engine import build_engine, compile_engine, init_distributed, set_activation_memory_budget
+from pascal_dist.engine import (build_engine, compile_engine, compile_model, init_distributed,
+                                 set_activation_memory_budget)
 from pascal_dist.model import PascalGPT
 from pascal_dist.schema import ModelConfig, RunConfig, TrainConfig
 from pascal_dist.zero_step import restore_deepspeed_step
@@ -52,12 +54,18 @@ def parse() -> argparse.Namespace:
                         "gradient norm), which pascal-dist replaces (pascal_dist.zero_step): their cost")
     p.add_argument("--profile", default=None, metavar="DIR", help="also profile 3 steps of each row into DIR")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-scope", default="blocks", metavar="SCOPE[,SCOPE]",
+                   help="train.compile_scope of every row (blocks or model); a second scope adds a plain-loop row "
+                        "compiled that way, side by side (--compile-scope blocks,model)")
     p.add_argument("--memory-budget", type=float, default=1.0,
                    help="torch.compile's activation memory budget (train.activation_memory_budget), every row")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the card's bf16 dense peak, for MFU")
     a = p.parse_args()
     if a.warmup < 1:
         p.error(f"--warmup must be at least 1 (the first step, which compiles, is timed apart), got {a.warmup}")
+    a.scopes = a.compile_scope.split(",")
+    if not set(a.scopes) <= set(COMPILE_SCOPES) or len(a.scopes) > len(set(a.scopes)):
+        p.error(f"--compile-scope: one or two of {', '.join(COMPILE_SCOPES)}, got '{a.compile_scope}'")
     if a.spec:
         vars(a).update(SPEC)
     return a
@@ -140,22 +148,23 @@ def ds_variant(spec: str, a: argparse.Namespace) -> dict:
     return ds
 
 
-def plain(a: argparse.Namespace, device: torch.device, x: torch.Tensor) -> dict:
+def plain(a: argparse.Namespace, device: torch.device, x: torch.Tensor, scope: str) -> dict:
     before = fresh_memory()
     torch.manual_seed(0)
     model = PascalGPT(model_cfg(a)).to(device)
-    run = torch.compile(model) if a.compile else model
+    if a.compile:
+        compile_model(model, scope)
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=3e-4, betas=(0.9, 0.95), fused=True)  # as the engine's
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            _, loss = run(x, x)
+            _, loss = model(x, x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return timed(step, a, "plain", before)
+    return timed(step, a, f"plain {scope}", before)
 
 
 def zero(a: argparse.Namespace, spec: str, x: torch.Tensor, deepspeed_step: bool = False) -> dict:
@@ -166,7 +175,7 @@ def zero(a: argparse.Namespace, spec: str, x: torch.Tensor, deepspeed_step: bool
     if deepspeed_step:
         restore_deepspeed_step(optimizer)
     if a.compile:
-        compile_engine(engine, a.memory_budget)
+        compile_engine(engine, a.memory_budget, a.scopes[0])
 
     def step() -> None:
         _, loss = engine(x, x)
@@ -196,14 +205,17 @@ def main() -> None:
     x = torch.randint(0, a.vocab, (a.batch, a.block_size), device=device)
     tokens = a.batch * a.block_size
     flops_per_token = PascalGPT(model_cfg(a)).flops_per_token()
-    rows = [("plain PyTorch" + (" (compiled)" if a.compile else ""), plain(a, device, x))]
+    plain_rows = a.scopes if a.compile else a.scopes[:1]
+    rows = [("plain PyTorch" + (f" (compiled {scope})" if a.compile else ""), plain(a, device, x, scope))
+            for scope in plain_rows]
     for spec in a.ds or [f"configs/zero{stage}.json" for stage in (1, 2, 3)]:
         rows.append((f"DeepSpeed {spec}", zero(a, spec, x)))
     for spec in a.ds_own:
         rows.append((f"DeepSpeed {spec}, DeepSpeed's own step", zero(a, spec, x, deepspeed_step=True)))
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{card}, torch {torch.__version__}, L={a.n_layer} d={a.n_embd} T={a.block_size} B={a.batch}, "
-          f"backend {a.backend}, dropout {a.dropout:g}, compile={a.compile} (memory budget {a.memory_budget:g}), "
+          f"backend {a.backend}, dropout {a.dropout:g}, compile={a.compile} (scope {a.scopes[0]}, memory budget "
+          f"{a.memory_budget:g}), "
           f"{a.steps} timed steps after {a.warmup}; "
           f"ops and host waits counted in one eager step\n")
     print("| loop | ms/step | tokens/s | ratio | model TFLOP/s | MFU | peak GiB | first step s | ops/step "

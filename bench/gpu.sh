@@ -2,21 +2,29 @@
 # Every GPU check of pascal-dist in one run, for a lent H100/H200 or your own card; each table is printed as its
 # stage ends (a cut-off run still shows what finished), full logs and tables in $OUT.
 #
-#   bash bench/gpu.sh          # all stages, in this order: step, backends, numerics, tests, attention, dropout
-#   GPU_STAGES=step,backends,numerics bash bench/gpu.sh   # what the targets need: under 10 minutes (stage limits)
-#   GPU_STAGES=tests,attention,dropout bash bench/gpu.sh  # the rest, a second call of under 10 minutes
+#   bash bench/gpu.sh     # every stage, in this order: step, dropout, backends, numerics, scope, budget, tests, attention
+#   GPU_STAGES=step,dropout,backends,numerics bash bench/gpu.sh   # what the targets need (under 10 min)
+#   GPU_STAGES=scope,budget,tests,attention bash bench/gpu.sh     # the rest, with what device time is left
 #   GPU_SWEEP=1: every backend and the ZeRO option sweep; GPU_PROFILE=1: a torch.profiler table per step row
+#   GPU_DRY_RUN=1: print each stage's name, time limit and command instead of running it (any machine)
+#
+# A lent machine has 15 minutes of device time in all, its start (a minute or two) included: run the targets'
+# call first (timeout 600), then the rest with the time `status` says is left. Stages run in the order given, so a
+# call cut short has measured the earlier ones.
 #
 # On a GPU machine without a package index: first, where pip works (same Python minor version as the GPU
 # machine's, 3.12 by default), `bash bench/gpu.sh wheels` writes .whl/ (DeepSpeed and what it and OmegaConf need
 # beyond a PyTorch image, pinned to the versions installed here); carry .whl/ along, it is installed into /tmp/site.
 #
-# What the stages measure: step: the SPEC model's step, plain compiled PyTorch vs the ZeRO-2 engine (tokens/s,
-# TFLOP/s, MFU, peak memory, ops and host waits per step); backends: fused Pascal attention vs the unbiased SDPA
-# ceiling at T=256 and T=1024 (full model step); numerics: each backend's bf16 output and gradients (d theta too)
-# against float64; tests: the GPU-marked tests (T up to 4096, head dim 128, dropout); attention: one attention
-# layer per backend and the fused kernels' tile candidates; dropout: the step at the SPEC's dropout 0.1 (peak
-# memory), at torch.compile's default activation memory budget and at 0.9.
+# What the stages measure, every model compiled block by block (train.compile_scope's default) unless said:
+# step: the SPEC model's step at dropout 0 (as ANCHORS.md measured), plain compiled PyTorch vs the ZeRO-2 engine
+# (tokens/s, TFLOP/s, MFU, peak memory, the first step's compile seconds, ops and host waits per step, the SPEC
+# recipe's projected time); dropout: the same at the SPEC's dropout 0.1 (the peak memory of the 7.5 GiB target);
+# backends: fused Pascal attention vs the unbiased SDPA ceiling at T=256 and T=1024 (full model step); numerics:
+# each backend's bf16 output and gradients (d theta too) against float64; scope: the whole model compiled as one
+# graph vs block by block, side by side; budget: the dropout-0.1 step at activation memory budget 0.9 (what
+# keeping less costs in speed); tests: the GPU-marked tests (T up to 4096, head dim 128, dropout); attention: one
+# attention layer per backend and the fused kernels' tile candidates.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
@@ -42,24 +50,29 @@ fi
 
 OUT=${OUT:-bench-out}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}  # H100/H200 SXM bf16 dense
-STAGES=${GPU_STAGES:-step,backends,numerics,tests,attention,dropout}
+STAGES=${GPU_STAGES:-step,dropout,backends,numerics,scope,budget,tests,attention}
 for s in ${STAGES//,/ }; do
-  case $s in step|backends|numerics|tests|attention|dropout) ;;
-  *) echo "GPU_STAGES: unknown stage '$s' (expected step, backends, numerics, tests, attention, dropout)"; exit 2 ;;
+  case $s in step|dropout|backends|numerics|scope|budget|tests|attention) ;;
+  *) echo "GPU_STAGES: unknown stage '$s' (expected step, dropout, backends, numerics, scope, budget, tests," \
+          "attention)"; exit 2 ;;
   esac
 done
+dry=${GPU_DRY_RUN:-0}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
+if [ "$dry" = 1 ]; then
+  :
+elif [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/card.txt"
+[ "$dry" = 1 ] || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/card.txt"
 
 # stage NAME SECONDS command...: table to $OUT/NAME.md (printed now), everything else to $OUT/NAME.log
 stage() {
   local name=$1 limit=$2 start=$SECONDS rc
   shift 2
+  if [ "$dry" = 1 ]; then echo "$name $limit $*"; return; fi
   timeout -k 10 "$limit" "$@" > "$OUT/$name.md" 2> "$OUT/$name.log"
   rc=$?
   echo "== $name: rc $rc, $((SECONDS - start)) s$([ $rc = 124 ] && echo ", cut off at $limit s")"
@@ -75,7 +88,7 @@ spec_step=(python3 bench/bench_step.py --spec --compile --backend fused --peak-t
 for s in ${STAGES//,/ }; do
   case $s in
   step)  # the ZeRO-2 engine against the plain compiled loop, SPEC model and batch, dropout 0 as in ANCHORS.md
-    ds=(--ds "$z2") limit=170
+    ds=(--ds "$z2") limit=150
     if [ "$sweep" = 1 ]; then  # with DeepSpeed's own ZeRO-2 step (its overflow scan and per-tensor norm)
       ds+=(--ds-own "$z2" --ds configs/zero1.json --ds configs/zero3.json --ds "$z2:zero_optimization.overlap_comm=true"
            --ds "$z2:zero_optimization.contiguous_gradients=false" --ds "$z2:zero_optimization.reduce_bucket_size=5e8")
@@ -84,21 +97,23 @@ for s in ${STAGES//,/ }; do
     profile=()
     [ "${GPU_PROFILE:-0}" = 1 ] && profile=(--profile "$OUT/profile")
     stage step $limit "${spec_step[@]}" "${profile[@]}" "${ds[@]}" ;;
+  dropout)  # the SPEC recipe's dropout 0.1: the ZeRO-2 step's peak memory against the 7.5 GiB target
+    stage step-dropout 120 "${spec_step[@]}" --dropout 0.1 --ds "$z2" ;;
   backends)  # fused Pascal attention against the unbiased ceiling, full model step; each row compiles once
     if [ "$sweep" = 1 ]; then backends=none,sdpa,reference,banded,banded:torch,fused; else backends=none,fused; fi
     spec=(--n-layer 12 --n-embd 768 --n-head 12 --compile --backends "$backends")
-    stage backends-T256 160 python3 bench/bench_backends.py "${spec[@]}" --block-size 256 --batch 64
-    stage backends-T1024 160 python3 bench/bench_backends.py "${spec[@]}" --block-size 1024 --batch 16 ;;
+    stage backends-T256 110 python3 bench/bench_backends.py "${spec[@]}" --block-size 256 --batch 64
+    stage backends-T1024 110 python3 bench/bench_backends.py "${spec[@]}" --block-size 1024 --batch 16 ;;
   numerics)
-    stage numerics 90 python3 bench/check_numerics.py --backends sdpa,reference,banded,fused ;;
+    stage numerics 75 python3 bench/check_numerics.py --backends sdpa,reference,banded,fused ;;
   tests)
     stage gpu-tests 160 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model.py tests/test_loss.py \
       tests/test_band_kernels.py tests/test_fused_attention.py ;;
   attention)  # one attention layer, no torch.compile, every backend, and the fused kernels' tile candidates
     stage attention 200 python3 bench/bench_attention.py --tiles --backends none,fused,banded,banded:torch,sdpa,reference ;;
-  dropout)  # the SPEC recipe's dropout 0.1: the ZeRO-2 step's peak memory against the 7.5 GiB target, at torch's
-           # default memory budget and at 0.9 (train.activation_memory_budget: what the saving costs in speed)
-    stage step-dropout 110 "${spec_step[@]}" --dropout 0.1 --ds "$z2"
-    stage step-dropout-budget 110 "${spec_step[@]}" --dropout 0.1 --memory-budget 0.9 --ds "$z2" ;;
+  scope)  # train.compile_scope: the whole model as one graph (plain and ZeRO-2) against block by block (plain)
+    stage scope 150 "${spec_step[@]}" --compile-scope model,blocks --ds "$z2" ;;
+  budget)  # train.activation_memory_budget 0.9 at dropout 0.1: the memory it saves against the speed it costs
+    stage step-dropout-budget 100 "${spec_step[@]}" --dropout 0.1 --memory-budget 0.9 --ds "$z2" ;;
   esac
 done

@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pascal_dist.schema import RunConfig
 
 ATTENTION_BACKENDS = ("reference", "sdpa", "none", "banded", "fused")
+COMPILE_SCOPES = ("blocks", "model")  # train.compile_scope
 
 
 class ConfigError(ValueError):
@@ -105,6 +106,8 @@ def validate(cfg: RunConfig) -> None:
     need(0 <= t.warmup_steps <= t.decay_steps,
          f"train.warmup_steps ({t.warmup_steps}) must be between 0 and train.decay_steps ({t.decay_steps})")
     need(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
+    need(t.compile_scope in COMPILE_SCOPES,
+         f"train.compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got '{t.compile_scope}'")
     need(0 < t.activation_memory_budget <= 1,
          f"train.activation_memory_budget must be in (0, 1], got {t.activation_memory_budget}")
     need(t.time_limit_s >= 0, f"train.time_limit_s must be >= 0, got {t.time_limit_s}")

@@ -87,7 +87,23 @@ def set_activation_memory_budget(budget: float) -> None:
     functorch_config.activation_memory_budget = budget
 
 
-def compile_engine(engine, activation_memory_budget: float = 1.0) -> None:
-    """engine.compile(), with torch.compile's activation memory budget set first."""
+def compile_model(model: torch.nn.Module, scope: str, **compile_kwargs) -> None:
+    """torch.compile `model` in place (train.compile_scope): 'model' as one graph, 'blocks' region by region
+    (`model.regions()`). Compiling happens at the first call; set the memory budget before that."""
+    if scope == "model":
+        model.compile(**compile_kwargs)
+    elif scope == "blocks":
+        for region in model.regions():
+            region.compile(**compile_kwargs)
+    else:
+        raise ValueError(f"compile scope must be 'blocks' or 'model', got '{scope}'")
+
+
+def compile_engine(engine, activation_memory_budget: float = 1.0, scope: str = "blocks") -> None:
+    """Compile the engine's model (see compile_model), with torch.compile's activation memory budget set first.
+    'model' goes through engine.compile(), which compiles the whole module and records it in the engine."""
     set_activation_memory_budget(activation_memory_budget)
-    engine.compile()
+    if scope == "model":
+        engine.compile()
+    else:
+        compile_model(engine.module, scope)

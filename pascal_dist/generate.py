@@ -44,6 +44,7 @@ def next_token(logits: Tensor, gen: torch.Generator, temperature: float, top_k: 
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # a regionally compiled model's head would recompile for each new length
 def generate_ids(model: PascalGPT, prompt: Sequence[int], max_new_tokens: int, seed: int,
                  temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
                  eos_id: int | None = None) -> list[int]:

@@ -187,6 +187,12 @@ class PascalGPT(nn.Module):
             x = block.forward_cached(x, band, cache, i)
         return self.lm_head(self.ln_f(x))
 
+    def regions(self) -> list[nn.Module]:
+        """The parts that torch.compile compiles one by one for regional compilation: every block (alike, so they
+        share one compiled graph) and the loss head (its chunked loss is many pointwise passes over fp32 logits,
+        which compiled become a few). What is left between them is a handful of ops per step."""
+        return [*self.blocks, self.lm_head]
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (the tied head counts once). non_embedding drops the position table:
         the token table stays because it is also the LM head's matmul (nanoGPT's convention)."""

@@ -92,7 +92,7 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, t, ds_config)
         seed_everything(t.seed + 1000 * (env.rank + 1))  # independent dropout masks per rank
         if t.compile if t.compile is not None else torch.cuda.is_available():
-            compile_engine(self.engine, t.activation_memory_budget)
+            compile_engine(self.engine, t.activation_memory_budget, t.compile_scope)
 
         self.metrics = MetricsWriter(os.path.join(self.run_dir, "tensorboard"),
                                      enabled=env.is_main and cfg.logging.tensorboard)

@@ -148,9 +148,9 @@ def test_dropout_falls_back_to_exact_dense_path():
 VOCAB = 97
 
 
-def build(backend: str, **kw) -> PascalGPT:
+def build(backend: str, n_layer: int = 2, **kw) -> PascalGPT:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+    cfg = ModelConfig(vocab_size=VOCAB, block_size=32, n_layer=n_layer, n_head=2, n_embd=32, dropout=0.0,
                       attn_dropout=0.0, attention=AttentionConfig(backend=backend),
                       bias=BiasConfig(warmup_steps=100), **kw)
     m = PascalGPT(cfg)

@@ -46,6 +46,49 @@ def test_bench_step_runs_the_shipped_configs_and_variants(tmp_path):
     assert len(list(tmp_path.glob("*.txt"))) == 4 and len(list(tmp_path.glob("*.trace.json"))) == 4
 
 
+def test_bench_step_compiles_each_scope_side_by_side():
+    """--compile-scope model,blocks: a plain-loop row per scope, the engine rows compiled as the first."""
+    rows = run("bench_step.py", *TINY, "--steps", "1", "--warmup", "1", "--compile", "--compile-scope", "model,blocks",
+               "--ds", "configs/zero2.json")
+    assert [r.split("|")[1].strip() for r in rows[1:]] == [
+        "plain PyTorch (compiled model)", "plain PyTorch (compiled blocks)", "DeepSpeed configs/zero2.json"]
+
+
+@pytest.mark.parametrize("scopes", ["layers", "blocks,blocks", "blocks,model,blocks"])
+def test_bench_step_refuses_unknown_or_repeated_scopes(monkeypatch, capsys, scopes):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
+    import bench_step
+
+    monkeypatch.setattr(sys, "argv", ["bench_step.py", "--compile-scope", scopes])
+    with pytest.raises(SystemExit):
+        bench_step.parse()
+    assert f"--compile-scope: one or two of blocks, model, got '{scopes}'" in capsys.readouterr().err
+
+
+def gpu_plan(stages: str) -> list[tuple[str, int, str]]:
+    """(stage, time limit s, command) of `GPU_STAGES=stages bash bench/gpu.sh`, from its dry run."""
+    env = dict(os.environ, GPU_DRY_RUN="1", GPU_STAGES=stages, OUT=os.path.join(REPO, "bench-out"))
+    proc = subprocess.run(["bash", "bench/gpu.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return [(name, int(limit), command) for name, limit, command in
+            (line.split(" ", 2) for line in proc.stdout.splitlines())]
+
+
+def test_gpu_script_fits_the_targets_in_one_device_call():
+    """The targets' call (bench/gpu.sh's header) fits in one 10-minute device call by its stages' limits, with half a
+    minute for installing the wheels; every stage's script exists; an unknown stage is refused before any runs."""
+    plan = gpu_plan("step,dropout,backends,numerics")
+    assert [name for name, _, _ in plan] == ["step", "step-dropout", "backends-T256", "backends-T1024", "numerics"]
+    assert sum(limit for _, limit, _ in plan) <= 600 - 30
+    everything = gpu_plan("step,dropout,backends,numerics,scope,budget,tests,attention")
+    for _, _, command in everything:
+        script = command.split()[1] if command.startswith("python3 bench/") else None
+        assert script is None or os.path.isfile(os.path.join(REPO, script)), command
+    proc = subprocess.run(["bash", "bench/gpu.sh"], cwd=REPO, env=dict(os.environ, GPU_STAGES="step,speed"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "GPU_STAGES: unknown stage 'speed'" in proc.stdout
+
+
 def test_bench_step_projects_the_spec_recipe_from_the_step_time(monkeypatch):
     """The README's projected SPEC time: 20,000 optimizer steps x 2 micro-batches at the measured step time."""
     monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))

@@ -81,6 +81,8 @@ def test_bad_values_name_the_key(tmp_path):
         load_config(None, ["train.lr=0", "train.grad_accum=0"])
     with pytest.raises(ConfigError, match=r"train.activation_memory_budget must be in \(0, 1\], got 1.5"):
         load_config(None, ["train.activation_memory_budget=1.5"])
+    with pytest.raises(ConfigError, match="train.compile_scope must be one of blocks, model, got 'layers'"):
+        load_config(None, ["train.compile_scope=layers"])
     with pytest.raises(ConfigError, match=r"not of the form key=value"):
         load_config(None, ["train.lr"])
     with pytest.raises(ConfigError, match=r"config file 'nope.yaml' not found"):

@@ -1,10 +1,13 @@
-"""The engine: the SPEC learning-rate schedule in optimizer steps, and compiling with a memory budget."""
+"""The engine: the SPEC learning-rate schedule in optimizer steps, and compiling (scopes, memory budget)."""
 import math
 
 import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
-from pascal_dist.engine import compile_engine, lr_lambda
+from pascal_dist.engine import compile_engine, compile_model, lr_lambda
 from pascal_dist.schema import TrainConfig
+from tests.test_banded_attention import batch, build, loss_and_grads
 
 
 def test_spec_schedule_shape():
@@ -30,6 +33,46 @@ def test_compile_engine_sets_the_memory_budget_before_compiling():
 
     # torch's own patch restores the global (pytest's monkeypatch deletes a torch config entry in torch 2.11)
     with functorch_config.patch(activation_memory_budget=1.0):
-        compile_engine(Engine(), 0.9)
+        compile_engine(Engine(), 0.9, scope="model")
     assert seen == [0.9]
     assert functorch_config.activation_memory_budget == 1.0
+
+
+def test_compile_engine_scopes():
+    """'model' goes through DeepSpeed's engine.compile(); 'blocks' compiles the regions of the engine's module and
+    leaves the module itself uncompiled."""
+    class Engine:
+        def __init__(self):
+            self.module, self.compiled = build("banded"), False
+
+        def compile(self):
+            self.compiled = True
+
+    whole, regional = Engine(), Engine()
+    compile_engine(whole, scope="model")
+    compile_engine(regional)  # train.compile_scope's default
+    assert whole.compiled and not regional.compiled
+    compiled = {name for name, m in regional.module.named_modules() if m._compiled_call_impl is not None}
+    assert compiled == {"blocks.0", "blocks.1", "lm_head"}
+    with pytest.raises(ValueError, match="compile scope must be 'blocks' or 'model', got 'layers'"):
+        compile_model(build("banded"), "layers")
+
+
+@pytest.mark.parametrize("n_layer", [1, 3])
+def test_compiled_blocks_share_one_graph_and_match_eager(n_layer):
+    """Regional compilation: every block runs the one graph compiled for the first (one frame for the blocks, one for
+    the loss head, whatever the depth), with no graph break, and the loss and every gradient (theta too, whose band
+    enters each block from outside) equal eager's."""
+    eager, regional = build("banded", n_layer=n_layer).train(), build("banded", n_layer=n_layer).train()
+    idx, tgt = batch()
+    l0, g0 = loss_and_grads(eager, idx, tgt)
+    cnt = CompileCounterWithBackend("aot_eager")
+    compile_model(regional, "blocks", backend=cnt, fullgraph=True)
+    for _ in range(2):  # the second call recompiles nothing
+        regional.zero_grad(set_to_none=True)
+        l1, g1 = loss_and_grads(regional, idx, tgt)
+    assert cnt.frame_count == 2
+    torch.testing.assert_close(l1, l0)
+    assert g1["bias.theta"].abs().item() > 0
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)

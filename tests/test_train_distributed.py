@@ -70,6 +70,24 @@ def test_resume_continues_step_lr_alpha_and_data(stage_runs, tiny_data, tmp_path
         assert r["loss"] == pytest.approx(ref["loss"], abs=2e-2)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_compiled_training_follows_eager(stage_runs, tiny_data, tmp_path, stage):
+    """train.compile=true (the default on a GPU; block by block) under the launcher: the same losses as the eager
+    run step by step, to compiled-kernel rounding, and the checkpoint and evaluation at step 6 work compiled."""
+    run_dir = str(tmp_path / "compiled")
+    proc = run_train(f"configs/zero{stage}.json", TINY + [f"data.dir={tiny_data}", f"train.run_dir={run_dir}",
+                                                        "train.compile=true", "train.max_steps=6"])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    eager = {r["step"]: r for r in sync_rows(stage_runs[stage])}
+    compiled = sync_rows(run_dir)
+    assert [r["step"] for r in compiled] == list(range(1, 7))
+    for r in compiled:
+        assert r["loss"] == pytest.approx(eager[r["step"]]["loss"], abs=2e-3), r["step"]
+    assert read_scalars(run_dir, "val/loss")[0][1] == pytest.approx(read_scalars(stage_runs[stage], "val/loss")[0][1],
+                                                                    abs=2e-3)
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step00000006"))
+
+
 LOOP_WORKER = r'''
 import sys
 from pascal_dist.config import load_config
