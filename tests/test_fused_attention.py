@@ -12,6 +12,7 @@ import torch
 from tests.helpers import FUSED_INTERPRETER_FROM, require_triton
 
 require_triton(interpreter_from=FUSED_INTERPRETER_FROM)
+from pascal_dist.engine import compile_model  # noqa: E402
 from pascal_dist.fused_attention import dropout_mask  # noqa: E402
 from tests.test_banded_attention import (LABELS, assert_compiles_like_eager, assert_float32_close,  # noqa: E402
                                          batch, build, inputs, loss_and_grads, ref64, rel_err, run_backend)
@@ -115,16 +116,19 @@ def test_model_with_attention_dropout_is_reproducible():
     assert not torch.equal(loss_and_grads(m, idx, tgt)[0], l0)
 
 
-def test_compiled_activation_checkpointing_keeps_the_dropout_mask():
-    """Recomputing a checkpointed block must not draw a new dropout seed: compiled gradients equal eager ones."""
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compiled_activation_checkpointing_keeps_the_dropout_mask(scope):
+    """Recomputing a checkpointed block must not draw a new dropout seed: compiled gradients equal eager ones,
+    whether the checkpoint wraps a compiled block or sits inside the compiled model."""
     idx, tgt = batch()
     grads = []
     for compiled in (False, True):
         torch.manual_seed(0)
         cfg_model = with_attn_dropout(build("fused", activation_checkpointing=True), 0.3).train()
-        fwd = torch.compile(cfg_model, backend="aot_eager_decomp_partition") if compiled else None
+        if compiled:
+            compile_model(cfg_model, scope, backend="aot_eager_decomp_partition")
         torch.manual_seed(9)
-        grads.append(loss_and_grads(cfg_model, idx, tgt, fwd))
+        grads.append(loss_and_grads(cfg_model, idx, tgt))
     (l0, g0), (l1, g1) = grads
     torch.testing.assert_close(l1, l0)
     for name in g0:
