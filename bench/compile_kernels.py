@@ -52,7 +52,7 @@ def compile_row(fn, data: str, constants: dict, warps: int, arch: int, stages: i
     aligned = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
                if t.startswith("*") or (t == "i32" and n not in ("T", "H"))}
     kernel = triton.compile(ASTSource(fn, sig, constants, attrs=aligned), target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=warps, num_stages=stages))
+                            options=dict(num_warps=warps, num_stages=stages, **bk.FP_FUSION))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -90,6 +90,7 @@ def main() -> int:
                         if dtype != torch.float32:
                             opts.update(num_warps=warps, num_stages=stages)
                         warps, stages = opts.pop("num_warps"), opts.pop("num_stages", 3)
+                        opts.pop("enable_fp_fusion")  # an option of compile_row's, not a kernel constant
                         constants = dict(WINDOW=3, DROPOUT=dropout, IEEE=dtype == torch.float32, **opts)
                         if name == "dkdv":
                             constants["WINDOW_P2"] = 4
@@ -98,7 +99,7 @@ def main() -> int:
                               f"{stages} | {row} |")
             elif name == "delta":
                 constants = fa.tiles(D, "delta", dtype)
-                warps = constants.pop("num_warps")
+                warps, _ = constants.pop("num_warps"), constants.pop("enable_fp_fusion")
                 row = compile_row(fa._delta_kernel, data, constants, warps, a.arch)
                 print(f"| fused delta | {D} | - | {constants['BLOCK_M']} rows | {warps} | 3 | {row} |")
             else:

@@ -16,6 +16,11 @@ import triton.language as tl
 from torch import Tensor
 
 
+# Every launch states FP fusion (a * b + c as one FMA) instead of taking Triton's default: on by default up to 3.9,
+# off from 3.10, which would change these kernels' rounding and speed with the Triton version.
+FP_FUSION = dict(enable_fp_fusion=True)
+
+
 def _blocking(head_dim: int, backward: bool) -> tuple[int, int]:
     """(rows per program, warps): the backward keeps 13 row tiles live, so it takes fewer rows per program to
     stay in registers. A starting point, not a tuned table: bench/bench_backends.py on a GPU is the judge."""
@@ -141,7 +146,8 @@ def _launch(q: Tensor, backward: bool) -> tuple[tuple[int, int], dict]:
     """Grid (row blocks, B*H) and the compile-time launch options."""
     B, H, T, D = q.shape
     block_m, warps = _blocking(D, backward)
-    return (triton.cdiv(T, block_m), B * H), dict(BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(D), num_warps=warps)
+    return (triton.cdiv(T, block_m), B * H), dict(BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(D), num_warps=warps,
+                                                  **FP_FUSION)
 
 
 # Custom ops, so that torch.compile treats each kernel as one opaque call with a known output shape

@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from pascal_dist.attention import band_vector, register_backend
-from pascal_dist.band_kernels import bht_strides, inner_contiguous, output_like
+from pascal_dist.band_kernels import FP_FUSION, bht_strides, inner_contiguous, output_like
 
 
 @triton.jit
@@ -294,11 +294,11 @@ def tiles(head_dim: int, kernel: str, dtype: torch.dtype) -> dict:
     cores; tests and debugging, not training) takes small tiles so that it fits in shared memory on any card."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if kernel == "delta":
-        return dict(BLOCK_M=DELTA_ROWS, BLOCK_D=block_d, num_warps=4)
+        return dict(BLOCK_M=DELTA_ROWS, BLOCK_D=block_d, num_warps=4, **FP_FUSION)
     if dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, **FP_FUSION)
     block_m, block_n, warps, stages = TILES[(kernel, 64 if head_dim <= 64 else 128)]
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages, **FP_FUSION)
 
 
 # The forward draws its dropout seed inside: tagged nondeterministic_seeded, so that the compiler's partitioner

@@ -47,6 +47,12 @@ def test_half_precision_matches_float64_reference(triton_kernels, dtype, tol):
             f"{dtype} {label}: {rel_err(x, r)}"
 
 
+def test_every_launch_states_fp_fusion():
+    """Triton 3.10 turns FP fusion off by default; the kernels keep the rounding and speed they were tested with."""
+    q = torch.empty(1, 2, 64, 64, dtype=torch.bfloat16)
+    assert all(band_kernels._launch(q, backward)[1]["enable_fp_fusion"] is True for backward in (False, True))
+
+
 def test_output_is_laid_out_for_the_output_projection():
     """As flash SDPA's own output: (B, T, H, d) memory, so the model's transpose back copies nothing; the fake
     (what torch.compile plans with) has the same strides."""

@@ -101,6 +101,16 @@ def with_attn_dropout(model, p):
     return model
 
 
+def test_every_launch_states_fp_fusion():
+    """As the band kernels (test_band_kernels): FP fusion on whatever Triton's default, tiles of every dtype."""
+    from pascal_dist import fused_attention as fa
+
+    for kernel in ("fwd", "dq", "dkdv", "delta"):
+        for head_dim in (64, 128):
+            for dtype in (torch.bfloat16, torch.float32):
+                assert fa.tiles(head_dim, kernel, dtype)["enable_fp_fusion"] is True, (kernel, head_dim, dtype)
+
+
 def test_model_with_attention_dropout_is_reproducible():
     """A run is a pure function of the seed: the dropout seed comes from torch's generator."""
     idx, tgt = batch()
