@@ -11,8 +11,10 @@ mask per layer), on a GPU flash, so `none`, `sdpa` and `banded` rows with dropou
 allocates; `fused` and `reference` run the same code everywhere.
 
 The compiled columns are what torch.compile's partitioner (inductor's settings) keeps for backward at each
-activation memory budget (train.activation_memory_budget): the model is traced, not run, and the forward graph's
-saved tensors are summed. Add the parameters, the ZeRO-2 states and a layer's backward temporaries for a peak.
+activation memory budget (train.activation_memory_budget): the model is traced, not run, as one graph
+(train.compile_scope=model), and the forward graph's saved tensors are summed. Add the parameters, the ZeRO-2
+states and a layer's backward temporaries for a peak. Block by block (the default scope) the partitioner decides
+per block; bench/bench_step.py's peak column measures that on a GPU.
 
     python bench/bench_memory.py                     # SPEC model, T=256 x batch 64, bf16
     python bench/bench_memory.py --block-size 1024 --batch 16
