@@ -66,6 +66,8 @@ def parse() -> argparse.Namespace:
     a.scopes = a.compile_scope.split(",")
     if not set(a.scopes) <= set(COMPILE_SCOPES) or len(a.scopes) > len(set(a.scopes)):
         p.error(f"--compile-scope: one or two of {', '.join(COMPILE_SCOPES)}, got '{a.compile_scope}'")
+    if len(a.scopes) > 1 and not a.compile:
+        p.error(f"--compile-scope {a.compile_scope}: a second scope compares compiled rows; add --compile")
     if a.spec:
         vars(a).update(SPEC)
     return a
@@ -205,27 +207,31 @@ def main() -> None:
     x = torch.randint(0, a.vocab, (a.batch, a.block_size), device=device)
     tokens = a.batch * a.block_size
     flops_per_token = PascalGPT(model_cfg(a)).flops_per_token()
-    plain_rows = a.scopes if a.compile else a.scopes[:1]
-    rows = [("plain PyTorch" + (f" (compiled {scope})" if a.compile else ""), plain(a, device, x, scope))
-            for scope in plain_rows]
-    for spec in a.ds or [f"configs/zero{stage}.json" for stage in (1, 2, 3)]:
-        rows.append((f"DeepSpeed {spec}", zero(a, spec, x)))
-    for spec in a.ds_own:
-        rows.append((f"DeepSpeed {spec}, DeepSpeed's own step", zero(a, spec, x, deepspeed_step=True)))
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    compiled = f"compiled {a.scopes[0]} (memory budget {a.memory_budget:g})" if a.compile else "eager"
     print(f"\n{card}, torch {torch.__version__}, L={a.n_layer} d={a.n_embd} T={a.block_size} B={a.batch}, "
-          f"backend {a.backend}, dropout {a.dropout:g}, compile={a.compile} (scope {a.scopes[0]}, memory budget "
-          f"{a.memory_budget:g}), "
-          f"{a.steps} timed steps after {a.warmup}; "
-          f"ops and host waits counted in one eager step\n")
+          f"backend {a.backend}, dropout {a.dropout:g}, {compiled}, {a.steps} timed steps after {a.warmup}; "
+          f"ops and host waits counted in one eager step; first step s: with whatever earlier rows left in "
+          f"torch.compile's caches\n")
     print("| loop | ms/step | tokens/s | ratio | model TFLOP/s | MFU | peak GiB | first step s | ops/step "
-          "| host waits/step |\n|---|---|---|---|---|---|---|---|---|---|")
-    base = rows[0][1]["seconds"]
-    for name, r in rows:
+          "| host waits/step |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    rows: list[tuple[str, dict]] = []
+
+    def add(name: str, r: dict) -> None:
+        """Print the row as soon as it is measured: a run cut off by a time limit keeps what it finished."""
+        rows.append((name, r))
         tflops = flops_per_token * tokens / r["seconds"] / 1e12
         mfu = f"{tflops / a.peak_tflops:.1%}" if a.peak_tflops else "-"
-        print(f"| {name} | {r['seconds'] * 1e3:.1f} | {tokens / r['seconds']:,.0f} | {base / r['seconds']:.2f} | "
-              f"{tflops:.2f} | {mfu} | {r['peak']:.2f} | {r['first']:.2f} | {r['launches']:,} | {r['host_waits']} |")
+        print(f"| {name} | {r['seconds'] * 1e3:.1f} | {tokens / r['seconds']:,.0f} | "
+              f"{rows[0][1]['seconds'] / r['seconds']:.2f} | {tflops:.2f} | {mfu} | {r['peak']:.2f} | "
+              f"{r['first']:.2f} | {r['launches']:,} | {r['host_waits']} |", flush=True)
+
+    for scope in a.scopes:
+        add("plain PyTorch" + (f" (compiled {scope})" if a.compile else ""), plain(a, device, x, scope))
+    for spec in a.ds or [f"configs/zero{stage}.json" for stage in (1, 2, 3)]:
+        add(f"DeepSpeed {spec}", zero(a, spec, x))
+    for spec in a.ds_own:
+        add(f"DeepSpeed {spec}, DeepSpeed's own step", zero(a, spec, x, deepspeed_step=True))
     if all(getattr(a, k) == v for k, v in SPEC.items()):
         print("\n" + projected_recipe(rows))
     print("\nmost frequent ops per row: " + "; ".join(

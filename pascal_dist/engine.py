@@ -106,4 +106,7 @@ def compile_engine(engine, activation_memory_budget: float = 1.0, scope: str = "
     if scope == "model":
         engine.compile()
     else:
+        import deepspeed.utils.nvtx
+
+        deepspeed.utils.nvtx.enable_nvtx = False  # as engine.compile() does: its NVTX ranges break the graphs
         compile_model(engine.module, scope)

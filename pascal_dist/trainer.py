@@ -91,7 +91,8 @@ class Trainer:
         self.n_params = self.model.num_params()  # before ZeRO-3 partitions the parameters away
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, t, ds_config)
         seed_everything(t.seed + 1000 * (env.rank + 1))  # independent dropout masks per rank
-        if t.compile if t.compile is not None else torch.cuda.is_available():
+        self.compiled = t.compile if t.compile is not None else torch.cuda.is_available()
+        if self.compiled:
             compile_engine(self.engine, t.activation_memory_budget, t.compile_scope)
 
         self.metrics = MetricsWriter(os.path.join(self.run_dir, "tensorboard"),
@@ -111,7 +112,8 @@ class Trainer:
             self._resume(plan)
         self._log(f"model {self.n_params / 1e6:.2f}M parameters, global batch {self.loader.global_batch_size} x "
                   f"{cfg.model.block_size} tokens, world {env.world_size}, ZeRO stage "
-                  f"{self.engine.zero_optimization_stage()}, step {self.step}")
+                  f"{self.engine.zero_optimization_stage()}, "
+                  f"{f'compiled ({t.compile_scope})' if self.compiled else 'eager'}, step {self.step}")
 
     def _together(self, build):
         """Run `build` on every rank; if any rank fails, every rank raises instead of waiting for it forever."""

@@ -63,24 +63,31 @@ def test_bench_step_refuses_unknown_or_repeated_scopes(monkeypatch, capsys, scop
     with pytest.raises(SystemExit):
         bench_step.parse()
     assert f"--compile-scope: one or two of blocks, model, got '{scopes}'" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["bench_step.py", "--compile-scope", "blocks,model"])  # without --compile
+    with pytest.raises(SystemExit):
+        bench_step.parse()
+    assert "a second scope compares compiled rows; add --compile" in capsys.readouterr().err
 
 
-def gpu_plan(stages: str) -> list[tuple[str, int, str]]:
+def gpu_plan(stages: str, out: str) -> list[tuple[str, int, str]]:
     """(stage, time limit s, command) of `GPU_STAGES=stages bash bench/gpu.sh`, from its dry run."""
-    env = dict(os.environ, GPU_DRY_RUN="1", GPU_STAGES=stages, OUT=os.path.join(REPO, "bench-out"))
+    env = dict(os.environ, GPU_DRY_RUN="1", GPU_STAGES=stages, OUT=out)
     proc = subprocess.run(["bash", "bench/gpu.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return [(name, int(limit), command) for name, limit, command in
             (line.split(" ", 2) for line in proc.stdout.splitlines())]
 
 
-def test_gpu_script_fits_the_targets_in_one_device_call():
-    """The targets' call (bench/gpu.sh's header) fits in one 10-minute device call by its stages' limits, with half a
-    minute for installing the wheels; every stage's script exists; an unknown stage is refused before any runs."""
-    plan = gpu_plan("step,dropout,backends,numerics")
+def test_gpu_script_fits_the_targets_in_one_device_call(tmp_path):
+    """The targets' call (bench/gpu.sh's header) fits in one 10-minute device call by its stages' limits, with
+    time for installing the wheels and for one stage's 10-second kill grace; every stage's script exists; a dry run
+    writes nothing; an unknown stage is refused before any runs."""
+    out = str(tmp_path / "out")
+    plan = gpu_plan("step,dropout,backends,numerics", out)
     assert [name for name, _, _ in plan] == ["step", "step-dropout", "backends-T256", "backends-T1024", "numerics"]
-    assert sum(limit for _, limit, _ in plan) <= 600 - 30
-    everything = gpu_plan("step,dropout,backends,numerics,scope,budget,tests,attention")
+    assert sum(limit for _, limit, _ in plan) <= 600 - 30 - 10
+    everything = gpu_plan("step,dropout,backends,numerics,scope,budget,tests,attention", out)
+    assert not os.path.exists(out)
     for _, _, command in everything:
         script = command.split()[1] if command.startswith("python3 bench/") else None
         assert script is None or os.path.isfile(os.path.join(REPO, script)), command

@@ -38,9 +38,13 @@ def test_compile_engine_sets_the_memory_budget_before_compiling():
     assert functorch_config.activation_memory_budget == 1.0
 
 
-def test_compile_engine_scopes():
+def test_compile_engine_scopes(monkeypatch):
     """'model' goes through DeepSpeed's engine.compile(); 'blocks' compiles the regions of the engine's module and
-    leaves the module itself uncompiled."""
+    leaves the module itself uncompiled, and turns DeepSpeed's NVTX ranges off as engine.compile() does (each one
+    would break a compiled graph)."""
+    import deepspeed.utils.nvtx
+
+    monkeypatch.setattr(deepspeed.utils.nvtx, "enable_nvtx", True)
     class Engine:
         def __init__(self):
             self.module, self.compiled = build("banded"), False
@@ -54,6 +58,7 @@ def test_compile_engine_scopes():
     assert whole.compiled and not regional.compiled
     compiled = {name for name, m in regional.module.named_modules() if m._compiled_call_impl is not None}
     assert compiled == {"blocks.0", "blocks.1", "lm_head"}
+    assert deepspeed.utils.nvtx.enable_nvtx is False
     with pytest.raises(ValueError, match="compile scope must be 'blocks' or 'model', got 'layers'"):
         compile_model(build("banded"), "layers")
 
@@ -63,6 +68,7 @@ def test_compiled_blocks_share_one_graph_and_match_eager(n_layer):
     """Regional compilation: every block runs the one graph compiled for the first (one frame for the blocks, one for
     the loss head, whatever the depth), with no graph break, and the loss and every gradient (theta too, whose band
     enters each block from outside) equal eager's."""
+    torch._dynamo.reset()  # what earlier tests compiled of the same code must not count here
     eager, regional = build("banded", n_layer=n_layer).train(), build("banded", n_layer=n_layer).train()
     idx, tgt = batch()
     l0, g0 = loss_and_grads(eager, idx, tgt)

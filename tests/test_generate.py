@@ -54,6 +54,24 @@ def test_sliding_past_block_size_is_a_crop_to_the_last_block():
     assert got == tokens[len(prompt):]
 
 
+def test_a_compiled_model_generates_eagerly():
+    """Decoding grows the sequence one token at a time: under a compiled model (the trainer's samples) every new
+    length would recompile the head. Generation runs eager, and gives what the uncompiled model gives."""
+    from torch._dynamo.testing import CompileCounter
+
+    from pascal_dist.engine import compile_model
+
+    torch._dynamo.reset()  # what earlier tests compiled of the same code must not count here
+    prompt = torch.randint(0, VOCAB, (5,), generator=torch.Generator().manual_seed(4)).tolist()
+    expected = generate_ids(model("sdpa"), prompt, BLOCK, seed=0)
+    m, cnt = model("sdpa"), CompileCounter()
+    compile_model(m, "blocks", backend=cnt)
+    assert generate_ids(m, prompt, BLOCK, seed=0) == expected
+    assert cnt.frame_count == 0
+    m(torch.tensor([prompt]))  # the compiled regions do compile outside generation
+    assert cnt.frame_count == 2
+
+
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
     keep = lambda x: torch.isfinite(x).nonzero().flatten().tolist()  # noqa: E731

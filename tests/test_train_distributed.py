@@ -73,11 +73,18 @@ def test_resume_continues_step_lr_alpha_and_data(stage_runs, tiny_data, tmp_path
 @pytest.mark.parametrize("stage", [2, 3])
 def test_compiled_training_follows_eager(stage_runs, tiny_data, tmp_path, stage):
     """train.compile=true (the default on a GPU; block by block) under the launcher: the same losses as the eager
-    run step by step, to compiled-kernel rounding, and the checkpoint and evaluation at step 6 work compiled."""
+    run step by step, to compiled-kernel rounding, and the checkpoint and evaluation at step 6 work compiled. ZeRO-3
+    partitions every parameter here (no persistence threshold), so its gathers run inside the compiled blocks."""
+    ds = json.load(open(f"configs/zero{stage}.json"))
+    if stage == 3:
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    ds_path = tmp_path / "ds.json"
+    ds_path.write_text(json.dumps(ds))
     run_dir = str(tmp_path / "compiled")
-    proc = run_train(f"configs/zero{stage}.json", TINY + [f"data.dir={tiny_data}", f"train.run_dir={run_dir}",
-                                                        "train.compile=true", "train.max_steps=6"])
+    proc = run_train(str(ds_path), TINY + [f"data.dir={tiny_data}", f"train.run_dir={run_dir}", "train.compile=true",
+                                           "train.max_steps=6"])
     assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"ZeRO stage {stage}, compiled (blocks), step 0" in proc.stdout
     eager = {r["step"]: r for r in sync_rows(stage_runs[stage])}
     compiled = sync_rows(run_dir)
     assert [r["step"] for r in compiled] == list(range(1, 7))
