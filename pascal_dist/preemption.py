@@ -64,6 +64,19 @@ class StopWatch:
         return NONE
 
 
+class SlowestStep:
+    """The longest optimizer step so far, for the time limit's margin (three steps). The process's first step
+    counts only until a second is timed: torch.compile compiles in it (about a minute on a GPU, again after every
+    resume), which no later step repeats, and a margin of three compiles would stop every run minutes early."""
+
+    def __init__(self) -> None:
+        self.seconds, self.steps = 0.0, 0
+
+    def add(self, seconds: float) -> None:
+        self.steps += 1
+        self.seconds = seconds if self.steps <= 2 else max(self.seconds, seconds)
+
+
 class StopVote:
     """The ranks' stop reasons, reduced (max) without stalling a GPU: a vote cast at one step boundary is read at
     the next. Reading it at once would make the host wait for the whole step's kernels every step, leaving the GPU

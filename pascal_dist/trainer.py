@@ -29,8 +29,8 @@ from pascal_dist.dist_env import DistEnv
 from pascal_dist.engine import build_engine, compile_engine, init_distributed
 from pascal_dist.metrics import MetricsWriter, StepTimer, memory_gib
 from pascal_dist.model import PascalGPT
-from pascal_dist.preemption import (EXIT_NUMERICAL, EXIT_PREEMPTED, NONE, SIGNALLED, StopTraining, StopVote,
-                                   StopWatch)
+from pascal_dist.preemption import (EXIT_NUMERICAL, EXIT_PREEMPTED, NONE, SIGNALLED, SlowestStep, StopTraining,
+                                   StopVote, StopWatch)
 from pascal_dist.schema import RunConfig
 
 
@@ -107,7 +107,7 @@ class Trainer:
 
         self.last_val_loss: Optional[float] = None
         self._saved: Optional[tuple[int, str]] = None  # (engine.global_steps, tag) of the last save
-        self.slowest_step_s, self.save_s = 0.0, 0.0
+        self.slowest_step, self.save_s = SlowestStep(), 0.0
         if plan is not None:
             self._resume(plan)
         self._log(f"model {self.n_params / 1e6:.2f}M parameters, global batch {self.loader.global_batch_size} x "
@@ -181,7 +181,7 @@ class Trainer:
                 self._check_stop()
                 continue
             bad_in_a_row = 0
-            self.slowest_step_s = max(self.slowest_step_s, elapsed)
+            self.slowest_step.add(elapsed)
             window_loss = step_loss if window_loss is None else window_loss + step_loss
             window_steps, window_time = window_steps + 1, window_time + elapsed
             step = self.step
@@ -231,7 +231,7 @@ class Trainer:
         and the time limit's margin (StopWatch.reason) covers that step.
         """
         reason = self.stop_vote.result()
-        self.stop_vote.cast(self.stopwatch.reason(self.slowest_step_s, self.save_s))
+        self.stop_vote.cast(self.stopwatch.reason(self.slowest_step.seconds, self.save_s))
         if reason == NONE:
             return
         self.stop_vote.result()  # settle the vote just cast before the save's own collectives
