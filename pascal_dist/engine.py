@@ -1,6 +1,7 @@
-"""The DeepSpeed side of a run: process group, AdamW with decay groups, the SPEC LR schedule, the ZeRO engine.
+"""The DeepSpeed side of a run: process group, AdamW with decay groups, the SPEC LR schedule, the ZeRO engine, and
+compiling the engine's model (block by block or whole).
 
-The model stays a plain nn.Module; this module is where it meets DeepSpeed.
+The model stays a plain nn.Module; this module is where it meets DeepSpeed and torch.compile.
 """
 from __future__ import annotations
 
