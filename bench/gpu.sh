@@ -23,7 +23,7 @@
 # backends: fused Pascal attention vs the unbiased SDPA ceiling at T=256 and T=1024 (full model step); numerics:
 # each backend's bf16 output and gradients (d theta too) against float64; scope: the whole model compiled as one
 # graph vs block by block, side by side; budget: the dropout-0.1 step at activation memory budget 0.9 (what
-# keeping less costs in speed); tests: the GPU-marked tests (T up to 4096, head dim 128, dropout); attention: one
+# keeping less costs in speed); tests: the GPU-marked tests (T up to 4096, head dim 128, dropout, compiled vs eager); attention: one
 # attention layer per backend and the fused kernels' tile candidates.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -107,8 +107,8 @@ for s in ${STAGES//,/ }; do
   numerics)
     stage numerics 75 python3 bench/check_numerics.py --backends sdpa,reference,banded,fused ;;
   tests)
-    stage gpu-tests 160 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model.py tests/test_loss.py \
-      tests/test_band_kernels.py tests/test_fused_attention.py ;;
+    stage gpu-tests 220 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model.py tests/test_loss.py \
+      tests/test_band_kernels.py tests/test_fused_attention.py tests/test_engine.py ;;
   attention)  # one attention layer, no torch.compile, every backend, and the fused kernels' tile candidates
     stage attention 200 python3 bench/bench_attention.py --tiles --backends none,fused,banded,banded:torch,sdpa,reference ;;
   scope)  # train.compile_scope: block by block against the whole model as one graph, plain loop, from an empty
