@@ -23,8 +23,8 @@
 # backends: fused Pascal attention vs the unbiased SDPA ceiling at T=256 and T=1024 (full model step); numerics:
 # each backend's bf16 output and gradients (d theta too) against float64; scope: the whole model compiled as one
 # graph vs block by block, side by side; budget: the dropout-0.1 step at activation memory budget 0.9 (what
-# keeping less costs in speed); tests: the GPU-marked tests (T up to 4096, head dim 128, dropout, compiled vs eager); attention: one
-# attention layer per backend and the fused kernels' tile candidates.
+# keeping less costs in speed); tests: the GPU-marked tests (T up to 4096, head dim 128, dropout, compiled vs
+# eager); attention: one attention layer per backend and the fused kernels' tile candidates.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
