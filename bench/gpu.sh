@@ -2,7 +2,7 @@
 # Every GPU check of pascal-dist in one run, for a lent H100/H200 or your own card; each table is printed as its
 # stage ends (a cut-off run still shows what finished), full logs and tables in $OUT.
 #
-#   bash bench/gpu.sh     # every stage, in this order: step, dropout, backends, numerics, scope, budget, tests, attention
+#   bash bench/gpu.sh     # every stage in order: step, dropout, backends, numerics, scope, budget, tests, attention
 #   GPU_STAGES=step,dropout,backends,numerics bash bench/gpu.sh   # what the targets need (under 10 min)
 #   GPU_STAGES=scope,budget,tests,attention bash bench/gpu.sh     # the rest, with what device time is left
 #   GPU_SWEEP=1: every backend and the ZeRO option sweep; GPU_PROFILE=1: a torch.profiler table per step row
