@@ -45,6 +45,7 @@ def test_compile_engine_scopes(monkeypatch):
     import deepspeed.utils.nvtx
 
     monkeypatch.setattr(deepspeed.utils.nvtx, "enable_nvtx", True)
+
     class Engine:
         def __init__(self):
             self.module, self.compiled = build("banded"), False
