@@ -1,9 +1,10 @@
 """The training loop: data -> model -> ZeRO engine -> metrics and checkpoints, with the bias-warmup counter.
 
 The bias-warmup counter t is the number of optimizer updates applied (`engine.global_steps` minus the steps
-DeepSpeed skipped for a non-finite gradient). The loop writes it into the model before each step's first
-micro-batch; nothing in forward advances it, so it is the same on every rank whatever the gradient
-accumulation, evaluation, skipped steps or resume, and it is checkpointed.
+DeepSpeed skipped for a non-finite gradient). The loop writes it into the model after every optimizer step
+(and at start and resume); nothing in forward advances it. So the micro-batches of update k+1 run at t = k,
+and everything done between steps (evaluation, samples, the logged alpha, the checkpoint) sees t = k after k
+updates, on every rank, whatever the gradient accumulation, skipped steps or resume.
 """
 from __future__ import annotations
 
@@ -137,15 +138,23 @@ class Trainer:
         """Optimizer updates applied so far: the bias-warmup counter t."""
         return int(self.engine.global_steps) - int(self.engine.skipped_steps)
 
-    def _gathered_sync_state(self) -> list[tuple[int, float]]:
-        """(counter, theta) from every rank; collective. Raises if any rank disagrees."""
-        mine = torch.tensor([float(self.step), self._theta()], dtype=torch.float64, device=self.device)
+    def _gathered_sync_state(self) -> list[dict]:
+        """Every rank's trainer step, model counter (the buffer the bias reads) and theta; collective.
+
+        Raises if the ranks disagree or if a rank's model holds another counter than its trainer's step.
+        """
+        mine = torch.tensor([float(self.step), float(self.model.bias_step), self._theta()], dtype=torch.float64,
+                            device=self.device)
         everyone = [torch.zeros_like(mine) for _ in range(self.env.world_size)]
         dist.all_gather(everyone, mine)
-        rows = [(int(r[0]), float(r[1])) for r in everyone]
-        if any(r != rows[0] for r in rows):
-            raise RuntimeError(f"ranks disagree on (bias-warmup counter, theta): {rows}")
+        rows = [{"step": int(r[0]), "bias_step": int(r[1]), "theta": float(r[2])} for r in everyone]
+        if any(r != rows[0] for r in rows) or rows[0]["bias_step"] != rows[0]["step"]:
+            raise RuntimeError(f"ranks disagree on (optimizer step, model's bias-warmup counter, theta): {rows}")
         return rows
+
+    def _model_alpha(self) -> float:
+        """alpha(t) at the counter the model holds (what evaluation and the next checkpoint use)."""
+        return float(bias_alpha(self.model.bias_step, self.cfg.model.bias.warmup_steps))
 
     def _theta(self) -> float:
         """theta from the fp32 master copy (the bf16 model copy rounds away small updates); 0.0 for `none`."""
@@ -207,7 +216,6 @@ class Trainer:
         """
         dbg = self.cfg.debug
         inject_nan = attempt in dbg.nan_loss_steps and self.env.rank == dbg.nan_loss_rank
-        self.model.set_bias_step(self.step)
         local = torch.zeros((), dtype=torch.float64, device=self.device)
         for _ in range(self.cfg.train.grad_accum):
             x, y = self.loader.next_batch()
@@ -217,6 +225,7 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             local += loss.detach().double()
+        self.model.set_bias_step(self.step)  # unchanged if DeepSpeed skipped the update
         return local / self.cfg.train.grad_accum
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
@@ -243,12 +252,12 @@ class Trainer:
 
     def _write_train_metrics(self, step: int, loss: float, step_time: float, tokens_per_s: float) -> None:
         rows = self._gathered_sync_state()
-        theta = rows[0][1]
+        theta = rows[0]["theta"]
         grad_norm = self.engine.get_global_grad_norm()
         values = {
             "train/loss": loss,
             "lr": self.scheduler.get_last_lr()[0],
-            "bias/alpha": float(bias_alpha(torch.tensor(float(step)), self.cfg.model.bias.warmup_steps)),
+            "bias/alpha": self._model_alpha(),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens_per_s": tokens_per_s,
             "step_time": step_time,

@@ -10,6 +10,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests (and parametrized cases) need CUDA: skipped without it, so no such test can silently run
+    somewhere it checks nothing, and `pytest -m gpu` on a GPU machine runs every one of them."""
+    if torch.cuda.is_available():
+        return
+    needs_cuda = pytest.mark.skip(reason="needs CUDA (a `gpu` test)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(needs_cuda)
+
+
 @pytest.fixture
 def kernels_take_cpu_tensors(request):
     """For Triton kernel tests that hand CPU tensors to the kernels: only Triton's interpreter takes those. On a

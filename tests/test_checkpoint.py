@@ -121,7 +121,7 @@ def test_non_finite_loss_on_one_rank_skips_the_step_everywhere(tiny_data, tmp_pa
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     factor = lr_lambda(TrainConfig(warmup_steps=2, decay_steps=12))
     for r in rows:
-        assert r["ranks"][0] == r["ranks"][1] and r["ranks"][0][0] == r["step"]
+        assert r["ranks"][0] == r["ranks"][1] and r["ranks"][0]["bias_step"] == r["step"]
         assert r["lr"] == pytest.approx(3e-3 * factor(r["step"]))  # the scheduler did not advance on the skip
         assert r["loss"] == r["loss"]  # no NaN reached the logged mean: the skipped step is not counted
     assert read_scalars(tmp_path, "train/skipped_steps") == [(3, 1.0)]
@@ -152,7 +152,7 @@ def test_export_from_each_zero_stage_loads_without_deepspeed(stage_runs, tmp_pat
     loaded = subprocess.run(["python", "-c", check], capture_output=True, text=True)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     got = json.loads(loaded.stdout.strip().splitlines()[-1])
-    assert got["theta"] == final["ranks"][0][1]  # the fp32 master value, bit for bit
+    assert got["theta"] == final["ranks"][0]["theta"]  # the fp32 master value, bit for bit
     assert got["step"] == 12 and got["loss"] < 6.0
 
 
@@ -166,3 +166,46 @@ def test_export_refuses_non_empty_output_and_non_checkpoints(stage_runs, tmp_pat
     proc = subprocess.run(["python", "launcher/export.py", str(tmp_path), str(tmp_path / "x")], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "is not a pascal-dist checkpoint" in proc.stderr
+
+
+class FilesOnlyEngine:
+    """Stands in for DeepSpeed's engine in a save: writes one file per rank into the tag, as save_checkpoint does."""
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        import torch
+
+        assert save_latest is False  # our pointer, not DeepSpeed's, says which checkpoint is complete
+        torch.save(client_state, os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"))
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_latest_moves_only_once_meta_json_is_complete(one_rank_group, tmp_path, monkeypatch):
+    """Each time the `latest` pointer is replaced (by any code path), the tag it names must already be complete and
+    loadable: a kill between the two writes must never leave a pointer to a checkpoint without meta.json."""
+    from pascal_dist.checkpoint import POINTER, Checkpointer, Identity, latest_tag
+
+    ckpt_dir = str(tmp_path / "checkpoints")
+    ckpt = Checkpointer(ckpt_dir, rank=0, world_size=1, keep_last=2, identity=Identity({"n_layer": 1}, "abc"),
+                        log=lambda msg: None)
+    pointed, replace = [], os.replace
+
+    def watching_replace(src, dst, *args, **kwargs):
+        if os.path.basename(dst) == POINTER:
+            with open(src) as f:
+                tag = f.read().strip()
+            pointed.append((tag, ckpt.problem(tag)))
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", watching_replace)
+    for step in (2, 4):
+        ckpt.save(FilesOnlyEngine(), step, {"bias_step": step})
+    assert pointed == [("step00000002", None), ("step00000004", None)]
+    assert latest_tag(ckpt_dir) == "step00000004"

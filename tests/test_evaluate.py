@@ -15,6 +15,7 @@ from pascal_dist.evaluate import (count_words, lambada_examples, lambada_sums, m
                                   sliding_windows, token_stream)
 from pascal_dist.model import PascalGPT
 from pascal_dist.schema import AttentionConfig, BiasConfig, ModelConfig, RunConfig
+from tests.helpers import read_scalars
 
 VOCAB, BLOCK = 61, 16
 
@@ -143,7 +144,11 @@ def test_cli_writes_table_json_and_tensorboard(exported, tmp_path, capsys):
     res = json.loads((exported / "eval_results.json").read_text())["results"]
     assert res["heldout/val"]["tokens"] == 1999 and res["text/files"]["words"] == 15
     assert res["lambada"]["examples"] == 2 and 1.0 < res["text/files"]["ppl_token"] < 10_000
-    assert os.listdir(exported / "tensorboard")
+    step = json.loads((exported / "eval_results.json").read_text())["step"]
+    for name, metrics in res.items():  # every float metric, read back from the event files
+        for key, value in metrics.items():
+            if isinstance(value, float):
+                assert read_scalars(str(exported), f"eval/{name}/{key}") == [(step, pytest.approx(value, rel=1e-6))]
     assert main(args) == 0  # a second run never overwrites the first
     assert len([f for f in os.listdir(exported) if f.startswith("eval_results")]) == 2
 

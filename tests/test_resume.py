@@ -19,11 +19,11 @@ from tests.helpers import REPO, TINY, free_port, run_train
 pytestmark = pytest.mark.slow
 
 STEPS = 16
+WARMUP = 12  # every resume below (steps 2 to 8) lands inside the bias warm-up, where the counter moves alpha
 RESILIENT = [o for o in TINY if not o.startswith(("model.dropout", "model.attn_dropout", "train.max_steps",
-                                                  "checkpoint.", "train.eval_interval"))] + [
+                                                  "checkpoint.", "train.eval_interval", "model.bias.warmup_steps"))] + [
     "model.dropout=0.1", "model.attn_dropout=0.1", f"train.max_steps={STEPS}", "checkpoint.interval=4",
-    "checkpoint.keep_last=2", "train.eval_interval=8"]
-NO_DROPOUT = [o.replace("dropout=0.1", "dropout=0.0") for o in RESILIENT]
+    "checkpoint.keep_last=2", "train.eval_interval=8", f"model.bias.warmup_steps={WARMUP}"]
 
 
 def losses(run_dir):
@@ -80,8 +80,14 @@ def test_resume_on_another_world_size(straight, tiny_data, tmp_path, stage=2, be
     got, want = losses(tmp_path), losses(reference)
     assert sorted(got) == sorted(want)
     for step in want:
-        # bf16 weights and a different reduction order (1 rank summing 4 micro-batches vs 2 ranks x 2)
-        assert got[step] == pytest.approx(want[step], abs=2e-2), step
+        if step <= 9:
+            # up to the first step after the resume: the same weights, data and counter (the mean of 4 micro-batch
+            # losses in float64 is exact in either grouping), so the same losses bit for bit
+            assert got[step] == want[step], step
+        else:
+            # then the gradients differ in reduction order (1 rank summing 4 micro-batches vs 2 ranks x 2) and the
+            # bf16 weights diverge: measured at most 5.2e-5 (and 6e-5 elsewhere) over steps 10-16
+            assert got[step] == pytest.approx(want[step], abs=2.5e-4), step
 
 
 def test_resume_on_another_world_size_keeps_schedule(tiny_data, tmp_path):
@@ -94,7 +100,9 @@ def test_resume_on_another_world_size_keeps_schedule(tiny_data, tmp_path):
             row = json.loads(line)
             rows[row["step"]] = row
     assert sorted(rows) == list(range(1, STEPS + 1))
-    assert rows[9]["alpha"] == pytest.approx(1.0) and rows[9]["lr"] < rows[8]["lr"]
+    assert rows[9]["alpha"] == pytest.approx(0.01 + 0.99 * 9 / WARMUP) and rows[9]["lr"] < rows[8]["lr"]
+    assert rows[13]["alpha"] == 1.0
+    assert all(r["ranks"] and all(rank["bias_step"] == step for rank in r["ranks"]) for step, r in rows.items())
 
 
 def _launch(run_dir, data, extra=(), resume="never"):

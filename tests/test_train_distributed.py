@@ -1,8 +1,9 @@
 """End-to-end training under the real `deepspeed` launcher: 2 CPU ranks (gloo), ZeRO stages 1, 2 and 3.
 
 Checks the loss falls, theta and the bias-warmup counter agree on both ranks at every step (the trainer
-all-gathers them and rank 0 records them in rank_sync.jsonl), the TensorBoard tags read back from the
-event files, and a resumed run continues with the same step, lr, alpha and data position.
+all-gathers each rank's step and the counter its model holds, and rank 0 records them in rank_sync.jsonl),
+the counter the bias module actually receives in every training and evaluation forward (a probe on the
+model), the TensorBoard tags read back from the event files, and a resumed run continues bitwise.
 """
 import json
 import os
@@ -27,10 +28,11 @@ def test_loss_falls_and_ranks_agree(stage_runs, stage):
     rows = sync_rows(stage_runs[stage])
     assert [r["step"] for r in rows] == list(range(1, 13))
     for r in rows:
-        (c0, theta0), (c1, theta1) = r["ranks"]
-        assert c0 == c1 == r["step"], "bias-warmup counter must equal the optimizer step on every rank"
-        assert theta0 == theta1, "theta must be identical on both ranks"
-    assert rows[0]["ranks"][0][1] != rows[-1]["ranks"][0][1], "theta must be trained"
+        assert [rank["bias_step"] for rank in r["ranks"]] == [r["step"]] * 2, \
+            "the counter in every rank's model must equal the optimizer step"
+        assert [rank["step"] for rank in r["ranks"]] == [r["step"]] * 2
+        assert r["ranks"][0]["theta"] == r["ranks"][1]["theta"], "theta must be identical on both ranks"
+    assert rows[0]["ranks"][0]["theta"] != rows[-1]["ranks"][0]["theta"], "theta must be trained"
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
     val = read_scalars(stage_runs[stage], "val/loss")
     assert [s for s, _ in val] == [6, 12] and val[1][1] < val[0][1]
@@ -65,9 +67,9 @@ def test_resume_continues_step_lr_alpha_and_data(stage_runs, tiny_data, tmp_path
     assert [r["step"] for r in resumed] == list(range(1, 13))
     for r in resumed:
         ref = straight[r["step"]]
-        assert r["lr"] == ref["lr"] and r["alpha"] == ref["alpha"]
-        # Same data position and state: the trajectory continues (bitwise exactness is the resume issue's).
-        assert r["loss"] == pytest.approx(ref["loss"], abs=2e-2)
+        # resumed at step 6 inside the warm-up (warmup_steps 8): the same state, data position and counter, so the
+        # same losses bit for bit
+        assert (r["lr"], r["alpha"], r["loss"], r["ranks"]) == (ref["lr"], ref["alpha"], ref["loss"], ref["ranks"])
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -135,3 +137,70 @@ def test_the_training_loop_waits_for_the_device_only_inside_deepspeeds_step(tiny
         assert len(r["inside_engine"]) == 3 * 2  # grad_accum=2 in TINY: two engine.step calls per step
         per_step = [sum(r["inside_engine"][2 * i:2 * i + 2]) for i in range(3)]
         assert r["whole"] == per_step, r
+
+
+PROBE_WORKER = r"""
+import sys
+from pascal_dist.config import load_config
+from pascal_dist.dist_env import detect
+from pascal_dist.trainer import Trainer
+
+data_dir, run_dir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+cfg = load_config(None, overrides + [f"data.dir={data_dir}", f"train.run_dir={run_dir}"])
+trainer = Trainer(cfg, "configs/zero2.json", detect())
+seen = []  # (phase, t) of every call of the bias module: the counter the attention actually used
+
+def probe(module, args, output):
+    seen.append(("train" if trainer.model.training else "eval", int(args[0])))
+
+trainer.model.bias.register_forward_hook(probe)
+try:
+    trainer.train()
+finally:
+    trainer.close()
+report({"seen": seen})
+"""
+
+
+def expected_counters(max_steps, grad_accum, eval_interval, skipped_attempts):
+    """The counter the bias must see, worked out from the definition: each attempt's micro-batches run at the number
+    of updates applied before it; a skipped attempt applies none; after update k an evaluation (if one is due) runs
+    at t = k. Consecutive calls of one phase at one t are merged, with their count for training."""
+    out, updates, attempt = [], 0, 0
+    while updates < max_steps:
+        if out and out[-1][:2] == ("train", updates):  # the attempt after a skipped one
+            out[-1] = ("train", updates, out[-1][2] + grad_accum)
+        else:
+            out.append(("train", updates, grad_accum))
+        if attempt not in skipped_attempts:
+            updates += 1
+            if updates % eval_interval == 0 or updates == max_steps:
+                out.append(("eval", updates))
+        attempt += 1
+    return out
+
+
+def merged(seen):
+    """The probe's calls with consecutive calls of one phase at one t merged (counted for training)."""
+    runs = []
+    for phase, t in seen:
+        if runs and runs[-1][:2] == [phase, t]:
+            runs[-1][2] += 1
+        else:
+            runs.append([phase, t, 1])
+    return [(p, t, n) if p == "train" else (p, t) for p, t, n in runs]
+
+
+def test_the_bias_sees_the_optimizer_step_count_in_training_and_evaluation(tiny_data, tmp_path):
+    """A probe on the bias module, 2 ranks, gradient accumulation 3, evaluation every 4 updates, a non-finite loss on
+    rank 1 at attempt 5 (skipped on both ranks): micro-batches of update k+1 see t = k, evaluations and samples after
+    update k see t = k, on every rank. Fails if the counter is not written, advances per micro-batch or counts the
+    skipped attempt."""
+    overrides = TINY + ["train.grad_accum=3", "train.eval_interval=4", "train.max_steps=9", "checkpoint.interval=0",
+                        "debug.nan_loss_steps=[5]", "debug.nan_loss_rank=1"]
+    results = run_torchrun(tmp_path, PROBE_WORKER, tiny_data, str(tmp_path / "run"), *overrides)
+    want = expected_counters(max_steps=9, grad_accum=3, eval_interval=4, skipped_attempts={5})
+    assert ("eval", 4) in want and ("train", 5, 6) in want  # attempts 5 (skipped) and 6 both run at t = 5
+    for rank, r in enumerate(results):
+        assert merged(r["seen"]) == want, f"rank {rank}"
+
