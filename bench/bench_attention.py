@@ -1,9 +1,9 @@
 """Pascal attention alone, forward + backward, as Markdown tables: each backend against unbiased SDPA flash.
 
-Per shape (the SPEC's 12 heads of dim 64 at T=256 x batch 64 and T=1024 x batch 16) and attention dropout (0 and
-the SPEC's 0.1): milliseconds per forward + backward of one attention layer (q, k, v and the band in, every
-gradient out, the band's `prepare` included), tokens/s, and the ratio to `none` (F.scaled_dot_product_attention,
-causal, no bias: the ceiling). Backends take turns in rounds; the median round counts.
+Per shape (the reference model's 12 heads of dim 64 at T=256 x batch 64 and T=1024 x batch 16) and attention
+dropout (0 and the reference recipe's 0.1): milliseconds per forward + backward of one attention layer (q, k, v
+and the band in, every gradient out, the band's `prepare` included), tokens/s, and the ratio to `none`
+(F.scaled_dot_product_attention, causal, no bias: the ceiling). Backends take turns in rounds; the median round counts.
 
 With --tiles, each fused kernel's TILE_CANDIDATES are timed alone (fwd: the forward op; dq, dkdv: the backward op
 with the other kernel's tiles fixed), each first checked against the shipped tiles' results, and the fastest
@@ -13,6 +13,7 @@ over all shapes is printed as the TILES entry to ship.
     python bench/bench_attention.py --tiles --backends none,fused
     TRITON_INTERPRET=1 python bench/bench_attention.py --shapes 1x2x40x16 --dtype float16 --tiles  # CPU smoke
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,6 @@ from typing import Callable
 
 import torch
 
-import pascal_dist.banded_attention as banded_attention
 from pascal_dist.attention import get_backend
 
 GPU = torch.cuda.is_available()
@@ -31,8 +31,11 @@ GPU = torch.cuda.is_available()
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backends", default="none,fused,banded,sdpa,reference",
-                   help="comma-separated; banded:torch is banded with its correction in PyTorch ops")
+    p.add_argument(
+        "--backends",
+        default="none,fused,banded,sdpa,reference",
+        help="comma-separated; banded:torch is banded with its correction in PyTorch ops",
+    )
     p.add_argument("--shapes", default="64x12x256x64,16x12x1024x64", help="BxHxTxD list")
     p.add_argument("--dropouts", default="0,0.1")
     p.add_argument("--dtype", default="bfloat16" if GPU else "float32", choices=["bfloat16", "float16", "float32"])
@@ -48,7 +51,7 @@ def sync() -> None:
 
 
 def spec_band(device) -> torch.Tensor:
-    """The SPEC band at full strength with theta off its init: log 2, log 4, log 4 exp(-exp(theta))."""
+    """The reference band at full strength with theta off its init: log 2, log 4, log 4 exp(-exp(theta))."""
     theta = -0.7
     return torch.tensor([math.log(2), math.log(4), math.log(4) * math.exp(-math.exp(theta))], device=device)
 
@@ -68,13 +71,12 @@ def inputs(shape: str, dtype: torch.dtype, seed: int = 0):
 def layer(name: str, q, k, v, dout, band, dropout_p: float) -> Callable[[], None]:
     """One attention layer's forward and backward with `name`, every input's gradient taken."""
     name, _, kernels = name.partition(":")
-    be = get_backend(name)
+    be = get_backend(name, kernels or "auto")
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     band = band.detach().requires_grad_()
     wrt = (q, k, v, band) if be.uses_band else (q, k, v)
 
     def run() -> None:
-        banded_attention.KERNELS = kernels or "auto"
         out = be.attend(q, k, v, be.prepare(band if be.uses_band else None, q.size(-2), q.device, q.dtype), dropout_p)
         torch.autograd.grad(out, wrt, dout)
 
@@ -113,10 +115,12 @@ def backends_table(a: argparse.Namespace, dtype: torch.dtype) -> None:
 
 def tiles_table(a: argparse.Namespace, dtype: torch.dtype) -> None:
     """Every candidate of every fused kernel, timed alone against the shipped tiles, after a results check."""
-    import pascal_dist.fused_attention as fa
+    import pascal_dist.attention.fused as fa
 
-    print("\n| kernel | B x H x T x D | dropout | tiles M x N | warps | stages | ms | vs shipped | check |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| kernel | B x H x T x D | dropout | tiles M x N | warps | stages | ms | vs shipped | check |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
     totals: dict[tuple, float] = {}
     for shape in a.shapes.split(","):
         q, k, v, dout, band = inputs(shape, dtype)
@@ -140,14 +144,17 @@ def tiles_table(a: argparse.Namespace, dtype: torch.dtype) -> None:
                             return fn()
                         finally:
                             fa.TILES[(kernel, key_d)] = shipped
+
                     return run
 
                 expected = with_tiles(shipped)()
                 fns, checks = {}, {}
                 for cand in fa.TILE_CANDIDATES[kernel]:
                     got = with_tiles(cand)()
-                    err = max(((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-30)).item()
-                              for x, y in zip(got, expected))
+                    err = max(
+                        ((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-30)).item()
+                        for x, y in zip(got, expected)
+                    )
                     checks[cand] = err <= (2e-2 if dtype != torch.float32 else 1e-4)
                     if checks[cand]:
                         fns[cand] = with_tiles(cand)
@@ -156,24 +163,32 @@ def tiles_table(a: argparse.Namespace, dtype: torch.dtype) -> None:
                     m, n, warps, stages = cand
                     if cand in ms:
                         totals[(kernel, key_d, cand)] = totals.get((kernel, key_d, cand), 0.0) + ms[cand]
-                    timing = (f"{ms[cand]:.3f} | {ms[shipped] / ms[cand]:.2f}" if cand in ms and shipped in ms
-                              else (f"{ms[cand]:.3f} | -" if cand in ms else "- | -"))
-                    print(f"| {kernel} | {shape} | {p:g} | {m} x {n}{' (shipped)' if cand == shipped else ''} | "
-                          f"{warps} | {stages} | {timing} | {'ok' if checks[cand] else 'WRONG'} |")
-    print("\nfastest over the shapes and dropouts above (set in pascal_dist/fused_attention.py TILES):\n")
+                    timing = (
+                        f"{ms[cand]:.3f} | {ms[shipped] / ms[cand]:.2f}"
+                        if cand in ms and shipped in ms
+                        else (f"{ms[cand]:.3f} | -" if cand in ms else "- | -")
+                    )
+                    print(
+                        f"| {kernel} | {shape} | {p:g} | {m} x {n}{' (shipped)' if cand == shipped else ''} | "
+                        f"{warps} | {stages} | {timing} | {'ok' if checks[cand] else 'WRONG'} |"
+                    )
+    print("\nfastest over the shapes and dropouts above (set in pascal_dist/attention/fused.py TILES):\n")
     for kernel, key_d in sorted({(kk, d) for kk, d, _ in totals}):
         mine = {c: t for (kk, d, c), t in totals.items() if (kk, d) == (kernel, key_d)}
         best = min(mine, key=mine.get)
-        print(f"    TILES[({kernel!r}, {key_d})] = {best}  # {mine[best]:.3f} ms vs shipped "
-              f"{mine.get(fa.TILES[(kernel, key_d)], float('nan')):.3f} ms")
+        print(
+            f"    TILES[({kernel!r}, {key_d})] = {best}  # {mine[best]:.3f} ms vs shipped "
+            f"{mine.get(fa.TILES[(kernel, key_d)], float('nan')):.3f} ms"
+        )
 
 
 def main() -> None:
     a = parse()
     dtype = getattr(torch, a.dtype)
     card = torch.cuda.get_device_name() if GPU else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{card}, torch {torch.__version__}, {a.dtype}, window 3, {a.rounds} rounds of {a.reps} calls, "
-          f"median round\n")
+    print(
+        f"\n{card}, torch {torch.__version__}, {a.dtype}, window 3, {a.rounds} rounds of {a.reps} calls, median round\n"
+    )
     backends_table(a, dtype)
     if a.tiles:
         tiles_table(a, dtype)

@@ -1,12 +1,13 @@
 """Training throughput of each attention backend with a plain PyTorch AdamW loop, as a Markdown table.
 
-Same model, same random tokens, one process, backends interleaved in rounds; warm-up steps (and compilation, with --compile) are not
-timed. Ratio is tokens/s over the `none` row (no Pascal bias: the ceiling). `banded:torch` is the banded
-backend with its correction in PyTorch ops instead of the fused Triton kernels (what the fusion buys, on CUDA).
+Same model, same random tokens, one process, backends interleaved in rounds; warm-up steps (and compilation, with
+--compile) are not timed. Ratio is tokens/s over the `none` row (no Pascal bias: the ceiling). `banded:torch` is the
+banded backend with its correction in PyTorch ops instead of the fused Triton kernels (what the fusion buys, on CUDA).
 
     python bench/bench_backends.py                       # CPU-sized defaults
     python bench/bench_backends.py --n-layer 12 --n-embd 768 --n-head 12 --block-size 256 --batch 64 --compile
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,18 +15,20 @@ import time
 from typing import Callable
 
 import torch
-
-import pascal_dist.banded_attention as banded_attention
-from pascal_dist.config import COMPILE_SCOPES
-from pascal_dist.engine import compile_model
-from pascal_dist.model import PascalGPT
 from shapes import CPU_SIZED, add_shape_args, model_config
+
+from pascal_dist.config import COMPILE_SCOPES
+from pascal_dist.model import PascalGPT
+from pascal_dist.train.engine import compile_model
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backends", default="none,sdpa,reference,banded,banded:torch",
-                   help="comma-separated; banded:torch|banded:triton picks the correction's implementation")
+    p.add_argument(
+        "--backends",
+        default="none,sdpa,reference,banded,banded:torch",
+        help="comma-separated; banded:torch|banded:triton picks the correction's implementation",
+    )
     add_shape_args(p, CPU_SIZED)
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per backend per round")
     p.add_argument("--rounds", type=int, default=4, help="rounds of --steps, backends interleaved")
@@ -44,7 +47,6 @@ def sync(device: str) -> None:
 def make_stepper(backend: str, a: argparse.Namespace, data: torch.Tensor) -> Callable[[int], torch.Tensor]:
     """A closure running optimizer step i (forward, backward, clip, AdamW) and returning its loss, on the device
     (reading it every step would add the same stall to every backend and flatter the ratios)."""
-    backend, _, kernels = backend.partition(":")
     torch.manual_seed(0)
     cfg = model_config(a, backend)
     model = PascalGPT(cfg).to(a.device).train()
@@ -55,7 +57,6 @@ def make_stepper(backend: str, a: argparse.Namespace, data: torch.Tensor) -> Cal
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.device.startswith("cuda"))
 
     def step(i: int) -> torch.Tensor:
-        banded_attention.KERNELS = kernels or "auto"  # a global: compiled graphs guard on it
         with amp:
             _, loss = model(data[i, :, :-1], data[i, :, 1:])
         loss.backward()
@@ -92,9 +93,11 @@ def main() -> None:
     tps = {name: tokens / seconds[name] for name in names}
     ceiling = tps["none"] if "none" in tps else tps[names[0]]
     dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{dev}, torch {torch.__version__}, L={a.n_layer} d={a.n_embd} h={a.n_head} T={a.block_size} "
-          f"B={a.batch} V={a.vocab}, {a.rounds}x{a.steps} timed steps after {a.warmup}, compile={a.compile}"
-          f"{f' ({a.compile_scope})' if a.compile else ''}\n")
+    print(
+        f"\n{dev}, torch {torch.__version__}, L={a.n_layer} d={a.n_embd} h={a.n_head} T={a.block_size} "
+        f"B={a.batch} V={a.vocab}, {a.rounds}x{a.steps} timed steps after {a.warmup}, compile={a.compile}"
+        f"{f' ({a.compile_scope})' if a.compile else ''}\n"
+    )
     print("| backend | tokens/s | ratio vs none | last loss |\n|---|---|---|---|")
     for name in names:
         print(f"| {name} | {tps[name]:,.0f} | {tps[name] / ceiling:.2f} | {float(last[name]):.3f} |")

@@ -1,4 +1,5 @@
 """Benchmark: TrainLoader batches (64 x 257 tokens) per second against a one-window-at-a-time Python loop."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,9 @@ def naive_batches(data_dir: str, n: int, seed: int) -> float:
             while s >= counts[i]:
                 s -= counts[i]
                 i += 1
-            rows.append(torch.tensor(shards[i][s * T: s * T + T + 1].astype(np.int64)))
+            rows.append(torch.tensor(shards[i][s * T : s * T + T + 1].astype(np.int64)))
         w = torch.stack(rows)
-        x, y = w[:, :-1], w[:, 1:]
+        _inputs, _targets = w[:, :-1], w[:, 1:]  # the views the loader hands out
     return time.perf_counter() - t0
 
 
@@ -58,13 +59,17 @@ def main() -> None:
         t_naive = naive_batches(data, n_naive, 0)
     per_batch = B * (T + 1)
     fast, slow = a.batches * per_batch / t_loader, n_naive * per_batch / t_naive
-    print(f"\nbatch {B} x {T + 1} tokens, {loader.num_samples:,} train samples, 1 process, torch threads "
-          f"{torch.get_num_threads()}\n")
+    print(
+        f"\nbatch {B} x {T + 1} tokens, {loader.num_samples:,} train samples, 1 process, torch threads "
+        f"{torch.get_num_threads()}\n"
+    )
     print("| loader | batches | ms/batch | tokens/s | ratio |")
     print("|---|---|---|---|---|")
     print(f"| naive (Python loop per window) | {n_naive} | {t_naive / n_naive * 1e3:.3f} | {slow / 1e6:.1f} M | 1.0 |")
-    print(f"| TrainLoader (vectorised memmap gather) | {a.batches} | {t_loader / a.batches * 1e3:.3f} | "
-          f"{fast / 1e6:.1f} M | {fast / slow:.1f} |")
+    print(
+        f"| TrainLoader (vectorised memmap gather) | {a.batches} | {t_loader / a.batches * 1e3:.3f} | "
+        f"{fast / 1e6:.1f} M | {fast / slow:.1f} |"
+    )
     print(f"\ntarget: >30M tokens/s per process: {'met' if fast > 30e6 else 'NOT met'}")
 
 

@@ -1,6 +1,6 @@
 """Activation memory of one training step per attention backend, counted without a GPU, as a Markdown table.
 
-The model runs forward and backward on fake tensors (shapes, dtypes and allocations, no data: the SPEC model at
+The model runs forward and backward on fake tensors (shapes, dtypes and allocations, no data: the reference model at
 batch 64 takes a second) while torch's MemTracker follows every allocation. What it counts is what the eager
 program allocates on any device; torch.compile usually saves some of it, and kernel workspaces are not seen.
 The ZeRO-2 engine adds its optimizer states on top (fp32 master, Adam moments, fp32 gradient partition,
@@ -16,10 +16,11 @@ activation memory budget (train.activation_memory_budget): the model is traced, 
 states and a layer's backward temporaries for a peak. Block by block (the default scope) the partitioner decides
 per block; bench/bench_step.py's peak column measures that on a GPU.
 
-    python bench/bench_memory.py                     # SPEC model, T=256 x batch 64, bf16
+    python bench/bench_memory.py                     # reference model, T=256 x batch 64, bf16
     python bench/bench_memory.py --block-size 1024 --batch 16
     python bench/bench_memory.py --budgets 1,0.9,0.5 # compiled columns at these memory budgets ("" for none)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,11 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from shapes import SPEC, add_shape_args, model_config
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from pascal_dist.model import PascalGPT
-from shapes import SPEC, add_shape_args, model_config
 
 ZERO2_BYTES_PER_PARAM = 4 + 8 + 4 + 2 + 2  # fp32 master, Adam m and v, fp32 gradient partition, bf16 param + bucket
 
@@ -90,15 +91,22 @@ def compiled_saved_gib(a: argparse.Namespace, backend: str, dropout: float, budg
     def forward_compiler(gm: torch.fx.GraphModule, example_inputs) -> None:
         inputs = {n for n in gm.graph.nodes if n.op == "placeholder"}  # weights and tokens: not activations
         outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]  # the loss, then what backward keeps
-        saved.extend(n.meta["val"] for n in outputs
-                     if isinstance(n, torch.fx.Node) and n not in inputs and isinstance(n.meta.get("val"), torch.Tensor))
+        saved.extend(
+            n.meta["val"]
+            for n in outputs
+            if isinstance(n, torch.fx.Node) and n not in inputs and isinstance(n.meta.get("val"), torch.Tensor)
+        )
         raise _Traced
 
     def backend_fn(gm, example_inputs):
         return aot_module_simplified(
-            gm, example_inputs, fw_compiler=forward_compiler, bw_compiler=forward_compiler,
+            gm,
+            example_inputs,
+            fw_compiler=forward_compiler,
+            bw_compiler=forward_compiler,
             partition_fn=functools.partial(min_cut_rematerialization_partition, compiler="inductor"),
-            decompositions=select_decomp_table())
+            decompositions=select_decomp_table(),
+        )
 
     x = torch.randint(0, cfg.vocab_size, (a.batch, a.block_size))
     torch._dynamo.reset()
@@ -120,12 +128,16 @@ def main() -> None:
     a = parse()
     # No kernel runs on fake tensors (the fused op's registered fake stands in), so `fused` needs no GPU here.
     os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
-    print(f"\nL={a.n_layer} d={a.n_embd} h={a.n_head} T={a.block_size} B={a.batch} V={a.vocab}, bf16; eager on fake "
-          "tensors, compiled traced\n")
+    print(
+        f"\nL={a.n_layer} d={a.n_embd} h={a.n_head} T={a.block_size} B={a.batch} V={a.vocab}, bf16; eager on fake "
+        "tensors, compiled traced\n"
+    )
     budgets = [float(b) for b in a.budgets.split(",") if b]
     compiled_heads = "".join(f" compiled, saved GiB at budget {b:g} |" for b in budgets)
-    print(f"| backend | dropout | step peak GiB | of which activations | ratio vs none | + ZeRO-2 states GiB |"
-          f"{compiled_heads}\n|---|---|---|---|---|---|" + "---|" * len(budgets))
+    print(
+        f"| backend | dropout | step peak GiB | of which activations | ratio vs none | + ZeRO-2 states GiB |"
+        f"{compiled_heads}\n|---|---|---|---|---|---|" + "---|" * len(budgets)
+    )
     names = a.backends.split(",")
     for dropout in map(float, a.dropouts.split(",")):
         rows = {name: peak_gib(a, name, dropout) for name in names}
@@ -133,8 +145,10 @@ def main() -> None:
         for name, (total, act, n_params) in rows.items():
             states = n_params * ZERO2_BYTES_PER_PARAM / 2**30
             compiled = "".join(f" {compiled_saved_gib(a, name, dropout, b):.2f} |" for b in budgets)
-            print(f"| {name} | {dropout:g} | {total:.2f} | {act:.2f} | {total / base:.2f} | {total + states:.2f} |"
-                  f"{compiled}")
+            print(
+                f"| {name} | {dropout:g} | {total:.2f} | {act:.2f} | {total / base:.2f} | {total + states:.2f} |"
+                f"{compiled}"
+            )
 
 
 if __name__ == "__main__":

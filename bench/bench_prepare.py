@@ -1,4 +1,5 @@
 """Benchmark: prepare the embedded corpus (42 plays) into a temp dir; tokenizer training and encoding timed apart."""
+
 from __future__ import annotations
 
 import itertools
@@ -28,7 +29,7 @@ def main() -> None:
     t0 = time.perf_counter()
     tokens = 0
     for i in range(0, len(docs), ENCODE_BATCH):
-        encs = tok.encode_batch(docs[i:i + ENCODE_BATCH], add_special_tokens=False)
+        encs = tok.encode_batch(docs[i : i + ENCODE_BATCH], add_special_tokens=False)
         tokens += len(np.fromiter(itertools.chain.from_iterable(e.ids + [2] for e in encs), dtype=np.uint16))
     t_encode = time.perf_counter() - t0
 
@@ -37,15 +38,20 @@ def main() -> None:
         prepare(Path(tmp) / "embedded")
         t_prepare = time.perf_counter() - t0
 
-    print(f"\nembedded corpus: {len(docs):,} documents, {chars / 1e6:.2f} M characters, {tokens:,} tokens "
-          f"(vocab 8192)\n")
+    print(
+        f"\nembedded corpus: {len(docs):,} documents, {chars / 1e6:.2f} M characters, {tokens:,} tokens (vocab 8192)\n"
+    )
     print("| stage | seconds | tokens/s |")
     print("|---|---|---|")
     print(f"| load + clean (datasets `text` builder, cached) | {t_load:.2f} | |")
     print(f"| BPE training (vocab 8192) | {t_train:.2f} | {tokens / t_train / 1e6:.2f} M |")
-    print(f"| encoding (`encode_batch`, {ENCODE_BATCH} docs/batch) | {t_encode:.2f} | {tokens / t_encode / 1e6:.2f} M |")
-    print(f"| whole `prepare()` (load, split, train, encode, write shards) | {t_prepare:.2f} | "
-          f"{tokens / t_prepare / 1e6:.2f} M |")
+    print(
+        f"| encoding (`encode_batch`, {ENCODE_BATCH} docs/batch) | {t_encode:.2f} | {tokens / t_encode / 1e6:.2f} M |"
+    )
+    print(
+        f"| whole `prepare()` (load, split, train, encode, write shards) | {t_prepare:.2f} | "
+        f"{tokens / t_prepare / 1e6:.2f} M |"
+    )
 
 
 if __name__ == "__main__":

@@ -1,20 +1,21 @@
 """One training step of the model, plain PyTorch loop vs the DeepSpeed ZeRO engine (stages 1, 2, 3), side by side.
 
 Same model, same random tokens, one process; the ratio is tokens/s over the plain loop's. On a GPU it also
-reports model TFLOP/s (6N + 12 L d T per token), MFU against --peak-tflops, and peak memory; at the SPEC
-shape, the SPEC recipe's training time projected from each row's step time. On any machine it counts, for one
+reports model TFLOP/s (6N + 12 L d T per token), MFU against --peak-tflops, and peak memory; at the reference
+shape, the reference recipe's training time projected from each row's step time. On any machine it counts, for one
 step run eagerly, the ops dispatched (kernel launches on a GPU) and the host waits (reads of device values and
 device synchronizes: each one stalls the GPU until the CPU catches up): the engine's overhead in launches and
 stalls, before a GPU times it. The engine rows run the project's own configs/zero*.json (what
 `launcher/train.py` runs), or variants given with --ds, e.g.
 
     python bench/bench_step.py                                   # CPU-sized defaults, configs/zero{1,2,3}.json
-    python bench/bench_step.py --spec --compile --peak-tflops 989  # the SPEC model on an H100/H200 (bf16 dense peak)
+    python bench/bench_step.py --spec --compile --peak-tflops 989  # reference model, H100/H200 (bf16 dense peak)
     python bench/bench_step.py --ds configs/zero2.json --ds configs/zero2.json:zero_optimization.overlap_comm=false
     python bench/bench_step.py --ds configs/zero2.json --ds-own configs/zero2.json  # and DeepSpeed's own step
     python bench/bench_step.py --spec --compile --compile-scope blocks,model --ds configs/zero2.json  # both scopes
     python bench/bench_step.py --profile out/                    # + a torch.profiler table and trace per row
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,41 +25,68 @@ import os
 import time
 
 import torch
-
-from pascal_dist.config import COMPILE_SCOPES, load_ds_config
-from pascal_dist.cli import run_rank
-from pascal_dist.dispatch_count import DispatchCounter
-from pascal_dist.dist_env import DistEnv
-from pascal_dist.engine import (build_engine, compile_engine, compile_model, init_distributed,
-                                 set_activation_memory_budget)
-from pascal_dist.model import PascalGPT
-from pascal_dist.schema import ModelConfig, RunConfig, TrainConfig
-from pascal_dist.zero_step import restore_deepspeed_step
 from shapes import CPU_SIZED, SPEC, add_shape_args, model_config
+
+from bench.dispatch_count import DispatchCounter
+from pascal_dist.cli import run_rank
+from pascal_dist.config import COMPILE_SCOPES, load_ds_config
+from pascal_dist.config.schema import ModelConfig, RunConfig, TrainConfig
+from pascal_dist.model import PascalGPT
+from pascal_dist.train.dist_env import DistEnv
+from pascal_dist.train.engine import (
+    build_engine,
+    compile_engine,
+    compile_model,
+    init_distributed,
+    set_activation_memory_budget,
+)
+from pascal_dist.train.zero_step import restore_deepspeed_step
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--spec", action="store_true", help="SPEC model and micro batch (12 x 768, T=256, batch 64)")
+    p.add_argument("--spec", action="store_true", help="reference model and micro batch (12 x 768, T=256, batch 64)")
     add_shape_args(p, CPU_SIZED)
     p.add_argument("--backend", default="sdpa")
-    p.add_argument("--dropout", type=float, default=0.0,
-                   help="residual and attention dropout (ANCHORS.md measured 0; the SPEC trains with 0.1)")
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="residual and attention dropout (0 for the kernels' own speed; the reference recipe trains with 0.1)",
+    )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--ds", action="append", default=None, metavar="PATH[:key=value...]",
-                   help="a DeepSpeed config to time (repeatable), with optional dotted overrides, values in JSON "
-                        "(default: configs/zero1.json, zero2.json, zero3.json)")
-    p.add_argument("--ds-own", action="append", default=[], metavar="PATH[:key=value...]",
-                   help="also time this config with DeepSpeed's own ZeRO-1/2 step (its per-tensor overflow scan and "
-                        "gradient norm), which pascal-dist replaces (pascal_dist.zero_step): their cost")
+    p.add_argument(
+        "--ds",
+        action="append",
+        default=None,
+        metavar="PATH[:key=value...]",
+        help="a DeepSpeed config to time (repeatable), with optional dotted overrides, values in JSON "
+        "(default: configs/zero1.json, zero2.json, zero3.json)",
+    )
+    p.add_argument(
+        "--ds-own",
+        action="append",
+        default=[],
+        metavar="PATH[:key=value...]",
+        help="also time this config with DeepSpeed's own ZeRO-1/2 step (its per-tensor overflow scan and "
+        "gradient norm), which pascal-dist replaces (pascal_dist.train.zero_step): their cost",
+    )
     p.add_argument("--profile", default=None, metavar="DIR", help="also profile 3 steps of each row into DIR")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--compile-scope", default="blocks", metavar="SCOPE[,SCOPE]",
-                   help="train.compile_scope of every row (blocks or model); a second scope adds a plain-loop row "
-                        "compiled that way, side by side (--compile-scope blocks,model)")
-    p.add_argument("--memory-budget", type=float, default=1.0,
-                   help="torch.compile's activation memory budget (train.activation_memory_budget), every row")
+    p.add_argument(
+        "--compile-scope",
+        default="blocks",
+        metavar="SCOPE[,SCOPE]",
+        help="train.compile_scope of every row (blocks or model); a second scope adds a plain-loop row "
+        "compiled that way, side by side (--compile-scope blocks,model)",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=float,
+        default=1.0,
+        help="torch.compile's activation memory budget (train.activation_memory_budget), every row",
+    )
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the card's bf16 dense peak, for MFU")
     a = p.parse_args()
     if a.warmup < 1:
@@ -113,8 +141,14 @@ def timed(step, a: argparse.Namespace, name: str, before_gib: float) -> dict:
     with torch.compiler.set_stance("force_eager"), DispatchCounter() as counted:
         step()
     sync()
-    return {"seconds": seconds, "first": first, "peak": peak, "launches": counted.launches,
-            "host_waits": counted.host_waits, "top": counted.top(8)}
+    return {
+        "seconds": seconds,
+        "first": first,
+        "peak": peak,
+        "launches": counted.launches,
+        "host_waits": counted.host_waits,
+        "top": counted.top(8),
+    }
 
 
 def profile(step, out_dir: str, name: str) -> None:
@@ -190,13 +224,15 @@ def zero(a: argparse.Namespace, spec: str, x: torch.Tensor, deepspeed_step: bool
 
 
 def projected_recipe(rows: list[tuple[str, dict]]) -> str:
-    """The SPEC recipe's training time from each row's step time (the shape must be SPEC's micro-batch)."""
+    """The reference recipe's training time from each row's step time (the shape must be the reference micro-batch)."""
     t = TrainConfig()
     micro_steps = t.max_steps * t.grad_accum
     times = "; ".join(f"{name} {micro_steps * r['seconds'] / 60:.0f} min" for name, r in rows)
-    return (f"SPEC recipe projected from these step times ({t.max_steps:,} optimizer steps x {t.grad_accum} "
-            f"micro-batches of this shape, each timed with its own optimizer step, so an upper bound; evaluation "
-            f"not included): {times}. The research code: about 250 min on one A100.")
+    return (
+        f"reference recipe projected from these step times ({t.max_steps:,} optimizer steps x {t.grad_accum} "
+        f"micro-batches of this shape, each timed with its own optimizer step, so an upper bound; evaluation "
+        f"not included): {times}. The research code: about 250 min on one A100."
+    )
 
 
 def main() -> None:
@@ -209,12 +245,17 @@ def main() -> None:
     flops_per_token = PascalGPT(model_cfg(a)).flops_per_token()
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     compiled = f"compiled {a.scopes[0]} (memory budget {a.memory_budget:g})" if a.compile else "eager"
-    print(f"\n{card}, torch {torch.__version__}, L={a.n_layer} d={a.n_embd} T={a.block_size} B={a.batch}, "
-          f"backend {a.backend}, dropout {a.dropout:g}, {compiled}, {a.steps} timed steps after {a.warmup}; "
-          f"ops and host waits counted in one eager step; first step s: with whatever earlier rows left in "
-          f"torch.compile's caches\n")
-    print("| loop | ms/step | tokens/s | ratio | model TFLOP/s | MFU | peak GiB | first step s | ops/step "
-          "| host waits/step |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print(
+        f"\n{card}, torch {torch.__version__}, L={a.n_layer} d={a.n_embd} T={a.block_size} B={a.batch}, "
+        f"backend {a.backend}, dropout {a.dropout:g}, {compiled}, {a.steps} timed steps after {a.warmup}; "
+        f"ops and host waits counted in one eager step; first step s: with whatever earlier rows left in "
+        f"torch.compile's caches\n"
+    )
+    print(
+        "| loop | ms/step | tokens/s | ratio | model TFLOP/s | MFU | peak GiB | first step s | ops/step "
+        "| host waits/step |\n|---|---|---|---|---|---|---|---|---|---|",
+        flush=True,
+    )
     rows: list[tuple[str, dict]] = []
 
     def add(name: str, r: dict) -> None:
@@ -222,9 +263,12 @@ def main() -> None:
         rows.append((name, r))
         tflops = flops_per_token * tokens / r["seconds"] / 1e12
         mfu = f"{tflops / a.peak_tflops:.1%}" if a.peak_tflops else "-"
-        print(f"| {name} | {r['seconds'] * 1e3:.1f} | {tokens / r['seconds']:,.0f} | "
-              f"{rows[0][1]['seconds'] / r['seconds']:.2f} | {tflops:.2f} | {mfu} | {r['peak']:.2f} | "
-              f"{r['first']:.2f} | {r['launches']:,} | {r['host_waits']} |", flush=True)
+        print(
+            f"| {name} | {r['seconds'] * 1e3:.1f} | {tokens / r['seconds']:,.0f} | "
+            f"{rows[0][1]['seconds'] / r['seconds']:.2f} | {tflops:.2f} | {mfu} | {r['peak']:.2f} | "
+            f"{r['first']:.2f} | {r['launches']:,} | {r['host_waits']} |",
+            flush=True,
+        )
 
     for scope in a.scopes:
         add("plain PyTorch" + (f" (compiled {scope})" if a.compile else ""), plain(a, device, x, scope))
@@ -234,8 +278,10 @@ def main() -> None:
         add(f"DeepSpeed {spec}, DeepSpeed's own step", zero(a, spec, x, deepspeed_step=True))
     if all(getattr(a, k) == v for k, v in SPEC.items()):
         print("\n" + projected_recipe(rows))
-    print("\nmost frequent ops per row: " + "; ".join(
-        f"{name}: " + ", ".join(f"{op} {n}" for op, n in r["top"][:5]) for name, r in rows))
+    print(
+        "\nmost frequent ops per row: "
+        + "; ".join(f"{name}: " + ", ".join(f"{op} {n}" for op, n in r["top"][:5]) for name, r in rows)
+    )
     torch.distributed.destroy_process_group()
 
 

@@ -7,6 +7,7 @@ dtype's tolerance (bf16: 1e-2, d theta 2e-2; float32: 1e-4). Exits 1 if any row 
     python bench/check_numerics.py                          # CPU: sdpa, reference, banded, float32
     python bench/check_numerics.py --backends banded,fused  # on a GPU, bf16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,8 @@ import sys
 import torch
 
 from pascal_dist.attention import fused_unavailable_reason, get_backend
-from pascal_dist.bias import PascalBias
-from pascal_dist.schema import BiasConfig
+from pascal_dist.config.schema import BiasConfig
+from pascal_dist.model.bias import PascalBias
 
 STEP, WARMUP, THETA = 1800, 4000, -0.7  # mid warm-up, theta off its init: every band term non-trivial
 
@@ -27,20 +28,27 @@ def parse() -> argparse.Namespace:
     gpu = torch.cuda.is_available()
     default = "sdpa,reference,banded" + (",fused" if fused_unavailable_reason() is None else "")
     p.add_argument("--backends", default=default)
-    p.add_argument("--shapes", default="256x64,1000x64,1024x128,4096x64" if gpu else "64x16,100x32,130x64",
-                   help="TxD list; batch 1, 2 heads")
+    p.add_argument(
+        "--shapes",
+        default="256x64,1000x64,1024x128,4096x64" if gpu else "64x16,100x32,130x64",
+        help="TxD list; batch 1, 2 heads",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
 
 def dense64(q, k, v, w, theta):
-    """float64 softmax(q k^T / sqrt(d) + band + causal) v with the SPEC band, and the grads of (out * w).sum()."""
+    """float64 softmax(q k^T / sqrt(d) + band + causal) v with the reference band, and the grads of (out * w).sum()."""
     q, k, v = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
     theta = torch.tensor([theta], dtype=torch.float64, requires_grad=True)
     alpha = 0.01 + 0.99 * min(STEP / WARMUP, 1.0)
-    band = torch.stack([alpha * torch.log(torch.tensor(2.0, dtype=torch.float64)),
-                        alpha * torch.log(torch.tensor(4.0, dtype=torch.float64)),
-                        alpha * math.log(4.0) * torch.exp(-torch.exp(theta[0]))])
+    band = torch.stack(
+        [
+            alpha * torch.log(torch.tensor(2.0, dtype=torch.float64)),
+            alpha * torch.log(torch.tensor(4.0, dtype=torch.float64)),
+            alpha * math.log(4.0) * torch.exp(-torch.exp(theta[0])),
+        ]
+    )
     T = q.size(-2)
     dist = torch.arange(T)[:, None] - torch.arange(T)[None, :]
     bias = torch.zeros(T, T, dtype=torch.float64).masked_fill(dist < 0, -math.inf)
@@ -71,8 +79,10 @@ def main() -> int:
     tol, tol_theta = (1e-2, 2e-2) if dtype == torch.bfloat16 else (1e-4, 1e-4)
     g = torch.Generator().manual_seed(a.seed)
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"\n{card}, torch {torch.__version__}, {dtype}, SPEC band at alpha({STEP}), theta {THETA}, "
-          f"tolerance {tol:g} (d theta {tol_theta:g})\n")
+    print(
+        f"\n{card}, torch {torch.__version__}, {dtype}, reference band at alpha({STEP}), theta {THETA}, "
+        f"tolerance {tol:g} (d theta {tol_theta:g})\n"
+    )
     print("| backend | T | d | out | dq | dk | dv | d theta | |\n|---|---|---|---|---|---|---|---|---|")
     failed = False
     for shape in a.shapes.split(","):
@@ -85,7 +95,9 @@ def main() -> int:
             errs = [rel(x, r) for x, r in zip(backend_run(name, q, k, v, w), ref)]
             ok = all(e < tol for e in errs[:4]) and errs[4] < tol_theta
             failed |= not ok
-            print(f"| {name} | {T} | {D} | " + " | ".join(f"{e:.1e}" for e in errs) + f" | {'PASS' if ok else 'FAIL'} |")
+            print(
+                f"| {name} | {T} | {D} | " + " | ".join(f"{e:.1e}" for e in errs) + f" | {'PASS' if ok else 'FAIL'} |"
+            )
     return 1 if failed else 0
 
 

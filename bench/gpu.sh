@@ -17,9 +17,9 @@
 # beyond a PyTorch image, pinned to the versions installed here); carry .whl/ along, it is installed into /tmp/site.
 #
 # What the stages measure, every model compiled block by block (train.compile_scope's default) unless said:
-# step: the SPEC model's step at dropout 0 (as ANCHORS.md measured), plain compiled PyTorch vs the ZeRO-2 engine
-# (tokens/s, TFLOP/s, MFU, peak memory, the first step's compile seconds, ops and host waits per step, the SPEC
-# recipe's projected time); dropout: the same at the SPEC's dropout 0.1 (the peak memory of the 7.5 GiB target);
+# step: the reference model's step at dropout 0 (the kernels' own speed), plain compiled PyTorch vs the ZeRO-2 engine
+# (tokens/s, TFLOP/s, MFU, peak memory, the first step's compile seconds, ops and host waits per step, the reference
+# recipe's projected time); dropout: the same at the reference recipe's dropout 0.1 (the 7.5 GiB peak memory target);
 # backends: fused Pascal attention vs the unbiased SDPA ceiling at T=256 and T=1024 (full model step); numerics:
 # each backend's bf16 output and gradients (d theta too) against float64; scope: the whole model compiled as one
 # graph vs block by block, side by side; budget: the dropout-0.1 step at activation memory budget 0.9 (what
@@ -87,7 +87,7 @@ spec_step=(python3 bench/bench_step.py --spec --compile --backend fused --peak-t
 # budget has measured those.
 for s in ${STAGES//,/ }; do
   case $s in
-  step)  # the ZeRO-2 engine against the plain compiled loop, SPEC model and batch, dropout 0 as in ANCHORS.md
+  step)  # the ZeRO-2 engine against the plain compiled loop, reference model and batch, dropout 0
     ds=(--ds "$z2") limit=150
     if [ "$sweep" = 1 ]; then  # with DeepSpeed's own ZeRO-2 step (its overflow scan and per-tensor norm)
       ds+=(--ds-own "$z2" --ds configs/zero1.json --ds configs/zero3.json --ds "$z2:zero_optimization.overlap_comm=true"
@@ -97,7 +97,7 @@ for s in ${STAGES//,/ }; do
     profile=()
     [ "${GPU_PROFILE:-0}" = 1 ] && profile=(--profile "$OUT/profile")
     stage step $limit "${spec_step[@]}" "${profile[@]}" "${ds[@]}" ;;
-  dropout)  # the SPEC recipe's dropout 0.1: the ZeRO-2 step's peak memory against the 7.5 GiB target
+  dropout)  # the reference recipe's dropout 0.1: the ZeRO-2 step's peak memory against the 7.5 GiB target
     stage step-dropout 110 "${spec_step[@]}" --dropout 0.1 --ds "$z2" ;;
   backends)  # fused Pascal attention against the unbiased ceiling, full model step; each row compiles once
     if [ "$sweep" = 1 ]; then backends=none,sdpa,reference,banded,banded:torch,fused; else backends=none,fused; fi
@@ -107,8 +107,9 @@ for s in ${STAGES//,/ }; do
   numerics)
     stage numerics 75 python3 bench/check_numerics.py --backends sdpa,reference,banded,fused ;;
   tests)
-    stage gpu-tests 220 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model.py tests/test_loss.py \
-      tests/test_band_kernels.py tests/test_fused_attention.py tests/test_engine.py ;;
+    stage gpu-tests 220 python3 -m pytest -q -m gpu -p no:cacheprovider tests/unit/model/test_decoder.py \
+      tests/unit/model/test_loss.py tests/unit/attention/test_band_kernels.py tests/unit/attention/test_fused.py \
+      tests/unit/train/test_engine.py ;;
   attention)  # one attention layer, no torch.compile, every backend, and the fused kernels' tile candidates
     stage attention 200 python3 bench/bench_attention.py --tiles --backends none,fused,banded,banded:torch,sdpa,reference ;;
   scope)  # train.compile_scope: block by block against the whole model as one graph, plain loop, from an empty

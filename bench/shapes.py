@@ -1,12 +1,15 @@
 """The model-shape options the benchmarks share (layers, width, heads, T, batch, vocab) and the config they make."""
+
 from __future__ import annotations
 
 import argparse
 
-from pascal_dist.schema import AttentionConfig, ModelConfig
+from pascal_dist.config.schema import AttentionConfig, ModelConfig
 
 CPU_SIZED = dict(n_layer=4, n_embd=256, n_head=4, block_size=128, batch=8)
-SPEC = dict(n_layer=12, n_embd=768, n_head=12, block_size=256, batch=64)  # the SPEC model at its micro batch
+SPEC = dict(
+    n_layer=12, n_embd=768, n_head=12, block_size=256, batch=64
+)  # configs/spec.yaml: the reference model, micro batch
 
 
 def add_shape_args(p: argparse.ArgumentParser, defaults: dict) -> None:
@@ -17,7 +20,16 @@ def add_shape_args(p: argparse.ArgumentParser, defaults: dict) -> None:
 
 
 def model_config(a: argparse.Namespace, backend: str, dropout: float = 0.0) -> ModelConfig:
-    """The model of the shape options, with `backend` and the same residual and attention dropout."""
-    return ModelConfig(vocab_size=a.vocab, block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
-                       n_embd=a.n_embd, dropout=dropout, attn_dropout=dropout,
-                       attention=AttentionConfig(backend=backend))
+    """The model of the shape options, with `backend` ('name' or 'name:kernels', e.g. banded:torch, for
+    model.attention.kernels) and the same residual and attention dropout."""
+    name, _, kernels = backend.partition(":")
+    return ModelConfig(
+        vocab_size=a.vocab,
+        block_size=a.block_size,
+        n_layer=a.n_layer,
+        n_head=a.n_head,
+        n_embd=a.n_embd,
+        dropout=dropout,
+        attn_dropout=dropout,
+        attention=AttentionConfig(backend=name, kernels=kernels or "auto"),
+    )

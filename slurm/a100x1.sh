@@ -1,14 +1,14 @@
 #!/bin/bash
-# pascal-dist on one A100: the SPEC recipe (20k steps, ~655M tokens) on a single GPU.
+# pascal-dist on one A100: the reference recipe (20k steps, ~655M tokens) on a single GPU.
 #
-#   sbatch slurm/a100x1.sh                                  # SPEC recipe, runs/pascal-a100x1-<jobid>
+#   sbatch slurm/a100x1.sh                                  # reference recipe, runs/pascal-a100x1-<jobid>
 #   CONFIG=configs/gpt2-medium.yaml sbatch slurm/a100x1.sh train.max_steps=100
 #
 # One task, one GPU: the same srun launch as the 8-GPU and multi-node scripts (slurm/common.sh),
 # so a run that works here scales by changing #SBATCH lines only.
 #
 # Environment variables (all optional):
-#   CONFIG        run config YAML (default: none, i.e. the SPEC recipe; e.g. configs/gpt2-medium.yaml)
+#   CONFIG        run config YAML (default: none, i.e. the reference recipe; e.g. configs/gpt2-medium.yaml)
 #   DS_CONFIG     DeepSpeed JSON (default configs/zero2.json)
 #   RUN_DIR       checkpoints + TensorBoard (default runs/<job name>-<job id>; on shared storage; set it to
 #                 continue an earlier job's run in a new job, a requeued job keeps its id and so its RUN_DIR)

@@ -1,7 +1,7 @@
 #!/bin/bash
 # pascal-dist on one 8-GPU A100 node: 8 ranks, one per GPU, ZeRO over NVLink.
 #
-#   sbatch slurm/a100x8.sh                                  # SPEC recipe, runs/pascal-a100x8-<jobid>
+#   sbatch slurm/a100x8.sh                                  # reference recipe, runs/pascal-a100x8-<jobid>
 #   sbatch slurm/a100x8.sh train.max_steps=100 train.micro_batch_size=32
 #   CONFIG=configs/gpt2-1.3b.yaml DS_CONFIG=configs/zero3.json sbatch -A myproj slurm/a100x8.sh
 #
@@ -9,7 +9,7 @@
 # sees all eight GPUs and takes cuda:<SLURM_LOCALID>, so NCCL can use NVLink/P2P between them.
 #
 # Environment variables (all optional):
-#   CONFIG        run config YAML (default: none, i.e. the SPEC recipe; e.g. configs/gpt2-medium.yaml)
+#   CONFIG        run config YAML (default: none, i.e. the reference recipe; e.g. configs/gpt2-medium.yaml)
 #   DS_CONFIG     DeepSpeed JSON (default configs/zero2.json)
 #   RUN_DIR       checkpoints + TensorBoard (default runs/<job name>-<job id>; on shared storage; set it to
 #                 continue an earlier job's run in a new job, a requeued job keeps its id and so its RUN_DIR)

@@ -3,10 +3,10 @@
 #
 # Owns: the job's environment (setup hook, rendezvous address, threads), the `srun` launch of
 # launcher/train.py, and requeue after a preemption. The three scripts own only their #SBATCH lines, so
-# one node and many nodes run the same code path, the one the CI cluster test (tests/test_slurm.py) runs.
+# one node and many nodes run the same code path, the one the CI cluster test (tests/integration/test_slurm.py) runs.
 #
 # Design: one `srun` task per GPU. Slurm starts every rank itself and gives each its SLURM_PROCID,
-# SLURM_LOCALID and SLURM_NTASKS, which pascal_dist.dist_env reads; there is no ssh, no hostfile and no
+# SLURM_LOCALID and SLURM_NTASKS, which pascal_dist.train.dist_env reads; there is no ssh, no hostfile and no
 # second launcher (the DeepSpeed launcher inside a job needs both, and its flags are not srun's). The
 # batch shell computes only job-wide values (MASTER_ADDR, MASTER_PORT); nothing per-rank is expanded
 # here, which avoids the classic bug of $SLURM_NODEID/$SLURM_PROCID expanded once, in the batch shell,
@@ -23,7 +23,7 @@
 trap 'echo "[slurm] batch shell: SIGUSR1 (the ranks checkpoint and stop)" >&2' USR1
 trap 'echo "[slurm] batch shell: SIGTERM (the ranks checkpoint and stop)" >&2' TERM
 
-EXIT_PREEMPTED=75  # pascal_dist.preemption.EXIT_PREEMPTED: stopped early with a checkpoint
+EXIT_PREEMPTED=75  # pascal_dist.train.preemption.EXIT_PREEMPTED: stopped early with a checkpoint
 
 pd_log() { echo "[slurm] $*"; }
 pd_die() { echo "error: $*" >&2; exit 2; }
@@ -80,12 +80,12 @@ pd_launch() {
   fi
 
   # Values left over from the submitting shell (say, one started by torchrun) would win over srun's in
-  # pascal_dist.dist_env; each rank's own come from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS.
+  # pascal_dist.train.dist_env; each rank's own come from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS.
   unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE
   local hosts
   hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST") || pd_die "scontrol show hostnames failed"
   export MASTER_ADDR=${hosts%%$'\n'*}
-  # Same rule as pascal_dist.dist_env: two jobs sharing a node do not pick the same port.
+  # Same rule as pascal_dist.train.dist_env: two jobs sharing a node do not pick the same port.
   export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
   # One thread per CPU Slurm gave the task, not one per core of the node per rank.
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
@@ -110,12 +110,12 @@ pd_launch() {
   pd_log "checkout $PASCAL_DIST_HOME ($(git -C "$PASCAL_DIST_HOME" rev-parse --short HEAD 2>/dev/null || echo no git))"
   pd_log "train: $PYTHON ${args[*]}"
 
-  # Preflight, one task per rank as in training: each rank reports what pascal_dist.dist_env makes of its
+  # Preflight, one task per rank as in training: each rank reports what pascal_dist.train.dist_env makes of its
   # environment and where it runs. A node without the Python environment fails here in seconds, by name.
   # shellcheck disable=SC2016  # the Python code is single-quoted on purpose
   srun "${srun_args[@]}" "$PYTHON" -c '
 import os, socket
-from pascal_dist.dist_env import detect
+from pascal_dist.train.dist_env import detect
 e = detect()
 node = os.environ.get("SLURMD_NODENAME", socket.gethostname())
 print(f"[slurm] rank {e.rank}/{e.world_size} local_rank {e.local_rank} on {node} "

@@ -9,7 +9,7 @@
 # checkout, the Python environment, the data and RUN_DIR at the same paths (a shared filesystem).
 #
 # Environment variables (all optional):
-#   CONFIG        run config YAML (default: none, i.e. the SPEC recipe; e.g. configs/gpt2-medium.yaml)
+#   CONFIG        run config YAML (default: none, i.e. the reference recipe; e.g. configs/gpt2-medium.yaml)
 #   DS_CONFIG     DeepSpeed JSON (default configs/zero2.json)
 #   RUN_DIR       checkpoints + TensorBoard (default runs/<job name>-<job id>; on shared storage; set it to
 #                 continue an earlier job's run in a new job, a requeued job keeps its id and so its RUN_DIR)

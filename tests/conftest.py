@@ -1,4 +1,5 @@
 """Fixtures shared across the suite: a small real-text dataset prepared once per session."""
+
 import os
 
 import pytest

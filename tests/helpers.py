@@ -1,57 +1,96 @@
 """Shared test helpers: launching real multi-process runs and reading TensorBoard event files back."""
+
 import os
 import subprocess
 import sys
 
-from pascal_dist.dist_env import free_port  # noqa: F401  (tests import it from here)
+from pascal_dist.train.dist_env import free_port  # noqa: F401  (tests import it from here)
 
 # A model small enough that a 2-rank CPU launch trains 12 steps in seconds (vocab of the tiny_data fixture).
 TINY = [
     "model.vocab_size=512",
-    "model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.n_embd=64",
-    "model.dropout=0.0", "model.attn_dropout=0.0", "model.bias.warmup_steps=8",
-    "train.micro_batch_size=4", "train.grad_accum=2", "train.max_steps=12", "train.lr=3e-3",
-    "train.warmup_steps=2", "train.decay_steps=12", "train.eval_interval=6", "train.eval_batches=2",
-    "logging.log_interval=1", "checkpoint.interval=6", "checkpoint.keep_last=2",
+    "model.block_size=32",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=64",
+    "model.dropout=0.0",
+    "model.attn_dropout=0.0",
+    "model.bias.warmup_steps=8",
+    "train.micro_batch_size=4",
+    "train.grad_accum=2",
+    "train.max_steps=12",
+    "train.lr=3e-3",
+    "train.warmup_steps=2",
+    "train.decay_steps=12",
+    "train.eval_interval=6",
+    "train.eval_batches=2",
+    "logging.log_interval=1",
+    "checkpoint.interval=6",
+    "checkpoint.keep_last=2",
 ]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_train(ds_config: str, overrides: list[str], nprocs: int = 2, resume: str = "never",
-              config: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N launcher/train.py ...` on CPU; stdout and stderr together in .stdout."""
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
-                "--master_port", str(free_port())]
-    cmd = launcher + ["launcher/train.py", "--ds_config", ds_config, "--resume", resume]
+def train_command(ds_config: str, nprocs: int = 2, resume: str = "never", faults: tuple[str, ...] = ()) -> list[str]:
+    """`deepspeed --num_gpus N launcher/train.py ...`; with `faults` (tests.integration.workers.faults flags, e.g.
+    ("--nan-loss", "3:1")), the fault-injecting entry point runs in place of launcher/train.py."""
+    launcher = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(nprocs),
+        "--master_port",
+        str(free_port()),
+    ]
+    entry = ["--module", "tests.integration.workers.faults", *faults] if faults else ["launcher/train.py"]
+    return launcher + entry + ["--ds_config", ds_config, "--resume", resume]
+
+
+def run_train(
+    ds_config: str,
+    overrides: list[str],
+    nprocs: int = 2,
+    resume: str = "never",
+    config: str | None = None,
+    timeout: int = 300,
+    faults: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
+    """A real multi-rank training run on CPU (train_command); stdout and stderr together in .stdout."""
+    cmd = train_command(ds_config, nprocs, resume, faults)
     cmd += ["--config", config] if config else []
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run(cmd + overrides, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
-
-
-_REPORT = """import faulthandler as _faulthandler, json as _json, os as _os
-_faulthandler.enable()  # a C++ abort at exit prints every thread's Python stack
-def report(result):
-    with open(_os.path.join(_os.environ["RESULT_DIR"], _os.environ["RANK"] + ".json"), "w") as _f:
-        _json.dump(result, _f)
-"""
+    return subprocess.run(
+        cmd + overrides, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
 
 
 def run_torchrun(tmp_path, worker: str, *args: str, nprocs: int = 2) -> list[dict]:
-    """Run the Python source `worker` on `nprocs` ranks with torchrun (gloo on CPU); each rank passes a JSON-able
-    dict to `report(...)`, defined for it. Returns those dicts in rank order."""
+    """Run the worker module tests.integration.workers.<worker> on `nprocs` ranks with torchrun (gloo on CPU).
+    Returns the dicts its ranks reported, in rank order."""
     import json
 
-    script = os.path.join(tmp_path, "worker.py")
-    with open(script, "w") as f:
-        # end as the launchers do (pascal_dist.cli.run_rank): Python's finalization can abort a rank whose process
-        # group was cleanly destroyed ("terminate called without an active exception", seen here about 1 in 20)
-        f.write(_REPORT + worker + "\nimport sys as _sys\n_sys.stdout.flush()\n_os._exit(0)\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, RESULT_DIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
-                           "--master_port", str(free_port()), script, *args], cwd=REPO, text=True, env=env,
-                          capture_output=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nprocs),
+            "--master_port",
+            str(free_port()),
+            "-m",
+            f"tests.integration.workers.{worker}",
+            *args,
+        ],
+        cwd=REPO,
+        text=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = []
     for rank in range(nprocs):

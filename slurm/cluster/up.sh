@@ -3,7 +3,7 @@
 #
 #   slurm/cluster/up.sh DIR CTLD_PORT NODE_PORT     then: export SLURM_CONF=DIR/slurm.conf; ...; down.sh DIR
 #
-# Owns the cluster's start-up; tests/slurm_cluster.py owns choosing DIR and the ports and always calling
+# Owns the cluster's start-up; tests/integration/slurm_cluster.py owns choosing DIR and the ports and always calling
 # down.sh. Everything the cluster writes (config, munge key and socket, state, logs, pid files) lives
 # under DIR, and the ports are parameters, so two clusters (two test sessions) on one host do not meet.
 # Both nodes are slurmd processes on this host (Debian's slurmd supports several per host, one port

@@ -1,0 +1,1 @@
+"""After training: evaluation (perplexity, LAMBADA), export to safetensors, and the ablation driver."""
