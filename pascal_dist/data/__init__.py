@@ -4,6 +4,7 @@ The loader (torch) is imported lazily so `pascal-dist prepare` starts fast; `dat
 `prepare` is imported eagerly: the function shares its module's name, and a lazy attribute would be shadowed
 by the submodule once anything imports `pascal_dist.data.prepare`.
 """
+
 from __future__ import annotations
 
 from importlib import import_module

@@ -5,6 +5,7 @@ samples are its shards' samples in order. The training order is a fresh permutat
 (seed, epoch) and independent of the world size, and `samples_consumed` counts global samples, so a run can
 resume on a different number of ranks with the same global batch and continue with exactly the next samples.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,23 +27,33 @@ def read_vocab_size(data_dir: str | Path) -> int:
 class Windows:
     """Random access to the (block_size + 1)-token windows of one split, gathered without reading whole shards."""
 
-    def __init__(self, data_dir: str | Path, split: str, block_size: int,
-                 expected_vocab_size: int | None = None) -> None:
+    def __init__(
+        self, data_dir: str | Path, split: str, block_size: int, expected_vocab_size: int | None = None
+    ) -> None:
         if block_size < 1:
             raise DataError(f"block_size={block_size}, expected >= 1")
         self.block_size = block_size
         shards = open_split(data_dir, split, expected_vocab_size=expected_vocab_size)
         # A strided (samples, T+1) view per shard: indexing its rows copies just those windows out of the memmap.
-        self._views = [np.lib.stride_tricks.as_strided(s, shape=((len(s) - 1) // block_size, block_size + 1),
-                                                       strides=(block_size * s.itemsize, s.itemsize), writeable=False)
-                       for s in shards if len(s) > block_size]
+        self._views = [
+            np.lib.stride_tricks.as_strided(
+                s,
+                shape=((len(s) - 1) // block_size, block_size + 1),
+                strides=(block_size * s.itemsize, s.itemsize),
+                writeable=False,
+            )
+            for s in shards
+            if len(s) > block_size
+        ]
         counts = [len(v) for v in self._views]
         self._starts = np.cumsum([0] + counts)
         self.num_samples = int(self._starts[-1])
         if self.num_samples < 1:
             tokens = sum(len(s) for s in shards)
-            raise DataError(f"{data_dir}: split {split!r} has no sample of block_size {block_size} + 1 tokens "
-                            f"({tokens} tokens in {len(shards)} shard(s)); use a smaller block_size or more data")
+            raise DataError(
+                f"{data_dir}: split {split!r} has no sample of block_size {block_size} + 1 tokens "
+                f"({tokens} tokens in {len(shards)} shard(s)); use a smaller block_size or more data"
+            )
 
     def gather(self, samples: np.ndarray) -> np.ndarray:
         """Windows for the given sample ids as an int64 array (len(samples), block_size + 1)."""
@@ -71,9 +82,19 @@ class TrainLoader:
     samples_consumed by b*W, so the W ranks together consume each optimizer step's global batch, disjointly.
     """
 
-    def __init__(self, data_dir: str, split: str, block_size: int, micro_batch_size: int, grad_accum: int,
-                 rank: int, world_size: int, seed: int, device: torch.device | str = "cpu",
-                 expected_vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: str,
+        split: str,
+        block_size: int,
+        micro_batch_size: int,
+        grad_accum: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device | str = "cpu",
+        expected_vocab_size: int | None = None,
+    ) -> None:
         if not 0 <= rank < world_size:
             raise DataError(f"rank={rank} with world_size={world_size}, expected 0 <= rank < world_size")
         if micro_batch_size < 1 or grad_accum < 1:
@@ -116,25 +137,42 @@ class TrainLoader:
         return _to_device(self.windows.gather(self.samples_at(positions)), self.device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "seed": self.seed, "samples_consumed": self.samples_consumed,
-                "num_samples": self.num_samples, "block_size": self.block_size}
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "samples_consumed": self.samples_consumed,
+            "num_samples": self.num_samples,
+            "block_size": self.block_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at a saved position; refuses a state whose sample order this loader cannot reproduce."""
         mine = self.state_dict()
-        for key, why in (("version", "saved by another loader version"),
-                         ("seed", "the shuffle order would differ"),
-                         ("num_samples", "the data or its split changed since the checkpoint"),
-                         ("block_size", "samples would be different windows")):
+        for key, why in (
+            ("version", "saved by another loader version"),
+            ("seed", "the shuffle order would differ"),
+            ("num_samples", "the data or its split changed since the checkpoint"),
+            ("block_size", "samples would be different windows"),
+        ):
             if state.get(key) != mine[key]:
-                raise DataError(f"cannot resume the data loader: {key}={state.get(key)!r} in the checkpoint, "
-                                f"{mine[key]!r} now ({why})")
+                raise DataError(
+                    f"cannot resume the data loader: {key}={state.get(key)!r} in the checkpoint, "
+                    f"{mine[key]!r} now ({why})"
+                )
         self.samples_consumed = int(state["samples_consumed"])
 
 
-def val_batches(data_dir: str, split: str, block_size: int, micro_batch_size: int, rank: int, world_size: int,
-                num_batches: int, device: torch.device | str = "cpu",
-                expected_vocab_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def val_batches(
+    data_dir: str,
+    split: str,
+    block_size: int,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    num_batches: int,
+    device: torch.device | str = "cpu",
+    expected_vocab_size: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The same `num_batches` sequential (unshuffled) batches at every evaluation; ranks take disjoint samples.
 
     Batch j of rank r holds samples (j*W + r)*b + [0, b), wrapping around the split if it is too small.

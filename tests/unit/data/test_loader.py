@@ -1,4 +1,5 @@
 """Sampler and loaders: windows, seeded order, rank disjointness, resume (also across world sizes), val batches."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,8 +24,14 @@ def data_dir(tmp_path: Path) -> Path:
             entries.append((split, write_shard(tmp_path / f"{split}_{i:05d}.bin", tokens)))
             start += n
     splits = {s: [e for name, e in entries if name == s] for s in ("train", "val")}
-    write_manifest(tmp_path, {"format_version": 1, "splits": splits,
-                              "tokenizer": {"file": "tokenizer.json", "vocab_size": 4096, "eos_id": 2}})
+    write_manifest(
+        tmp_path,
+        {
+            "format_version": 1,
+            "splits": splits,
+            "tokenizer": {"file": "tokenizer.json", "vocab_size": 4096, "eos_id": 2},
+        },
+    )
     return tmp_path
 
 
@@ -33,7 +40,7 @@ def expected_windows(data_dir: Path, split: str) -> np.ndarray:
     rows = []
     for path in sorted(data_dir.glob(f"{split}_*.bin")):
         tokens = np.fromfile(path, dtype="<u2", offset=32).astype(np.int64)
-        rows += [tokens[s * T: s * T + T + 1] for s in range((len(tokens) - 1) // T)]
+        rows += [tokens[s * T : s * T + T + 1] for s in range((len(tokens) - 1) // T)]
     return np.stack(rows)
 
 
@@ -91,8 +98,11 @@ def test_resume_on_two_ranks_equals_uninterrupted(data_dir: Path) -> None:
     first = [make(data_dir, r, 2, accum=2) for r in range(2)]
     head = run(first, 2 * 3)
     state = first[0].state_dict()
-    assert state == first[1].state_dict() == {"version": 1, "seed": 0, "samples_consumed": 48,
-                                              "num_samples": 40, "block_size": T}
+    assert (
+        state
+        == first[1].state_dict()
+        == {"version": 1, "seed": 0, "samples_consumed": 48, "num_samples": 40, "block_size": T}
+    )
     second = [make(data_dir, r, 2, accum=2) for r in range(2)]
     for ld in second:
         ld.load_state_dict(state)
@@ -109,8 +119,15 @@ def test_resume_on_one_rank_after_two_continues_the_sequence(data_dir: Path) -> 
     assert all(torch.equal(u, v) for u, v in zip(full, head + run([one], 6)))
 
 
-@pytest.mark.parametrize("key, value, why", [("seed", 5, "shuffle order"), ("num_samples", 41, "data"),
-                                              ("block_size", 16, "windows"), ("version", 2, "version")])
+@pytest.mark.parametrize(
+    "key, value, why",
+    [
+        ("seed", 5, "shuffle order"),
+        ("num_samples", 41, "data"),
+        ("block_size", 16, "windows"),
+        ("version", 2, "version"),
+    ],
+)
 def test_load_state_refuses_mismatch(data_dir: Path, key: str, value: int, why: str) -> None:
     ld = make(data_dir)
     state = ld.state_dict() | {key: value, "samples_consumed": 8}
@@ -121,8 +138,10 @@ def test_load_state_refuses_mismatch(data_dir: Path, key: str, value: int, why: 
 
 def test_val_batches_fixed_disjoint_and_wrapping(data_dir: Path) -> None:
     want = expected_windows(data_dir, "val")  # 6 samples
+
     def firsts(rank: int) -> list[list[int]]:
         return [x[:, 0].tolist() for x, _ in val_batches(str(data_dir), "val", T, 2, rank, 2, num_batches=2)]
+
     r0, r1 = firsts(0), firsts(1)
     assert r0 == firsts(0)
     w = want[:, 0].tolist()

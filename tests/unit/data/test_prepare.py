@@ -1,4 +1,5 @@
 """Preparation end to end: cleaning, hash split, source splits, round trip, idempotence, atomicity, CLI."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,23 +9,24 @@ import re
 import subprocess
 import sys
 import time
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tests.helpers import REPO
 from tokenizers import Tokenizer
 
-from importlib import import_module
 from pascal_dist.data import DataError, open_shard, open_split, prepare, read_manifest
 from pascal_dist.data.loader import Windows
+from tests.helpers import REPO
 
 ROOT = Path(REPO)
-WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
-         "they you were her she there been one all we their has would when if so no will more out up into do any "
-         "king queen river castle night morning letter battle garden winter city music stone bridge sailor "
-         "quickly slowly bright silent ancient golden forgotten broken gentle").split()
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
+    "they you were her she there been one all we their has would when if so no will more out up into do any "
+    "king queen river castle night morning letter battle garden winter city music stone bridge sailor "
+    "quickly slowly bright silent ancient golden forgotten broken gentle"
+).split()
 SYLLABLES = "ka ren do mi sol tha ver un ing est lo qua bri sen tor al ex pen dor ly".split()
 LEXICON = list(WORDS) + ["".join(np.random.default_rng(i).choice(SYLLABLES, 1 + i % 3)) for i in range(1500)]
 ZIPF = 1.0 / np.arange(1, len(LEXICON) + 1)
@@ -95,7 +97,8 @@ def prepared(jsonl, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_round_trip_documents_to_shards_to_loader(prepared: Path, jsonl) -> None:
     m = read_manifest(prepared)
     assert sorted(p.name for p in prepared.iterdir()) == sorted(
-        ["manifest.json", "tokenizer.json"] + [e["file"] for s in m["splits"].values() for e in s])
+        ["manifest.json", "tokenizer.json"] + [e["file"] for s in m["splits"].values() for e in s]
+    )
     tok = Tokenizer.from_file(str(prepared / "tokenizer.json"))
     eos = tok.token_to_id("[EOS]")
     assert m["tokenizer"]["eos_id"] == eos and m["tokenizer"]["vocab_size"] == VOCAB == tok.get_vocab_size()
@@ -108,7 +111,7 @@ def test_round_trip_documents_to_shards_to_loader(prepared: Path, jsonl) -> None
     assert all(open_shard(prepared / e["file"]).dtype == np.uint16 for e in entries)
     win = Windows(prepared, "train", 32)
     shards = [np.asarray(s) for s in open_split(prepared, "train")]
-    want = np.concatenate([[s[i * 32: i * 32 + 33] for i in range((len(s) - 1) // 32)] for s in shards])
+    want = np.concatenate([[s[i * 32 : i * 32 + 33] for i in range((len(s) - 1) // 32)] for s in shards])
     np.testing.assert_array_equal(win.gather(np.arange(win.num_samples)), want)
 
 
@@ -138,7 +141,10 @@ def test_given_tokenizer_reproduces_the_tokens(prepared: Path, jsonl, tmp_path: 
 def test_interrupted_prepare_leaves_nothing(jsonl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(import_module("pascal_dist.data.prepare"), "write_manifest", boom)  # after every shard is written, before the rename
+
+    monkeypatch.setattr(
+        import_module("pascal_dist.data.prepare"), "write_manifest", boom
+    )  # after every shard is written, before the rename
     with pytest.raises(KeyboardInterrupt):
         prepare(tmp_path / "out", files=[str(jsonl[0])], vocab_size=VOCAB)
     assert list(tmp_path.iterdir()) == []
@@ -161,6 +167,7 @@ def write_wikitext(root: Path, rng: np.random.Generator) -> dict[str, list[str]]
     """WikiText's layout and row style: ' = Title = ', paragraphs, blank rows; val/test share some train rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     rows: dict[str, list[str]] = {}
     for split, n in (("train", 300), ("validation", 40), ("test", 40)):
         rows[split] = []
@@ -176,15 +183,30 @@ def write_wikitext(root: Path, rng: np.random.Generator) -> dict[str, list[str]]
 
 def cli(*args: str, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(home)}
-    return subprocess.run([sys.executable, "launcher/prepare_data.py", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "launcher/prepare_data.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_local_wikitext_dir_keeps_source_splits_apart(tmp_path: Path) -> None:
     write_wikitext(tmp_path / "wt", np.random.default_rng(1))
     out = tmp_path / "out"
-    r = cli("--source", str(tmp_path / "wt"), "--config", "wikitext-103-raw-v1", "--out", str(out),
-            "--vocab-size", str(VOCAB), home=tmp_path / "hf")
+    r = cli(
+        "--source",
+        str(tmp_path / "wt"),
+        "--config",
+        "wikitext-103-raw-v1",
+        "--out",
+        str(out),
+        "--vocab-size",
+        str(VOCAB),
+        home=tmp_path / "hf",
+    )
     assert r.returncode == 0, r.stderr
     m = read_manifest(out)
     names = ["source_test", "source_validation", "train", "val"]
@@ -198,8 +220,9 @@ def test_local_wikitext_dir_keeps_source_splits_apart(tmp_path: Path) -> None:
 
 def test_hub_source_offline_fails_fast_with_hint(tmp_path: Path) -> None:
     start = time.monotonic()
-    r = cli("--source", "wikitext", "--config", "wikitext-103-raw-v1", "--out", str(tmp_path / "o"),
-            home=tmp_path / "hf")
+    r = cli(
+        "--source", "wikitext", "--config", "wikitext-103-raw-v1", "--out", str(tmp_path / "o"), home=tmp_path / "hf"
+    )
     assert time.monotonic() - start < 10
     assert r.returncode == 2 and not (tmp_path / "o").exists()
     lines = r.stderr.strip().splitlines()

@@ -1,4 +1,5 @@
 """Shard format and manifest validation: every corrupt input gives a DataError naming the file."""
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,17 @@ def make_dir(root: Path, vocab: int = 1000, lengths: tuple[int, ...] = (500, 300
     """A data dir whose train split has shards of the given lengths."""
     rng = np.random.default_rng(0)
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
-    entries = [write_shard(root / f"train_{i:05d}.bin", rng.integers(0, vocab, n).astype(dtype))
-               for i, n in enumerate(lengths)]
-    write_manifest(root, {"format_version": 1, "splits": {"train": entries},
-                          "tokenizer": {"file": "tokenizer.json", "vocab_size": vocab, "eos_id": 2}})
+    entries = [
+        write_shard(root / f"train_{i:05d}.bin", rng.integers(0, vocab, n).astype(dtype)) for i, n in enumerate(lengths)
+    ]
+    write_manifest(
+        root,
+        {
+            "format_version": 1,
+            "splits": {"train": entries},
+            "tokenizer": {"file": "tokenizer.json", "vocab_size": vocab, "eos_id": 2},
+        },
+    )
     return root
 
 
@@ -90,11 +98,18 @@ def _corrupt_version(d: Path) -> None:
     p.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("corrupt, message", [
-    (_corrupt_truncate, "truncated"), (_corrupt_magic, "magic"), (_corrupt_header_short, "header"),
-    (_corrupt_count, "manifest says 301"), (_corrupt_vocab, "needs itemsize 4"), (_corrupt_missing, "missing"),
-    (_corrupt_version, "version 9"),
-])
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (_corrupt_truncate, "truncated"),
+        (_corrupt_magic, "magic"),
+        (_corrupt_header_short, "header"),
+        (_corrupt_count, "manifest says 301"),
+        (_corrupt_vocab, "needs itemsize 4"),
+        (_corrupt_missing, "missing"),
+        (_corrupt_version, "version 9"),
+    ],
+)
 def test_corrupt_shard_is_named(tmp_path: Path, corrupt, message: str) -> None:
     shard = "train_00000.bin" if corrupt is _corrupt_vocab else "train_00001.bin"  # vocab: the first one checked
     d = make_dir(tmp_path)
