@@ -46,11 +46,31 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of training one")
     p.add_argument("--shard-tokens", type=int, default=100_000_000)
     p.add_argument("--sample-by", choices=SAMPLE_BY, default="paragraph", help="document unit of .txt files")
+    p.add_argument(
+        "--verify",
+        metavar="DIR",
+        default=None,
+        help="instead of preparing: check every shard of the prepared DIR against its manifest (header, "
+        "size, sha256, token ids below the vocabulary)",
+    )
     p.set_defaults(run=prepare_command)
 
 
 def prepare_command(a: argparse.Namespace) -> int:
+    import time
+
     from pascal_dist.data.prepare import prepare
+    from pascal_dist.data.shards import verify_data_dir
+
+    if a.verify is not None:
+        start = time.perf_counter()
+        totals = verify_data_dir(a.verify)
+        seconds = time.perf_counter() - start
+        print(
+            f"{a.verify}: {totals['shards']} shards, {totals['tokens']:,} tokens: sha256 and token ids match the "
+            f"manifest ({totals['bytes'] / 1e9:.3f} GB in {seconds:.2f} s)"
+        )
+        return 0
 
     prepare(
         a.out,

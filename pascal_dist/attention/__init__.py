@@ -25,6 +25,7 @@ from pascal_dist.attention.base import (
     attend_cached,
     band_matrix,
     band_vector,
+    dense_mask_bytes,
     fused_unavailable_reason,
     triton_installed,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "backend_names",
     "band_matrix",
     "band_vector",
+    "dense_mask_bytes",
     "fused_unavailable_reason",
     "get_backend",
     "register_backend",

@@ -208,6 +208,9 @@ class BandedBackend:
     def __init__(self, kernels: str = "auto") -> None:
         self.kernels = kernels  # the correction's implementation: auto | triton | torch
 
+    def builds_dense_mask(self, dropout_p: float) -> bool:
+        return dropout_p > 0.0  # attention dropout runs the exact sdpa-mask path (see attend)
+
     def prepare(self, band: Tensor | None, T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         return band_vector(band, device)
 

@@ -20,7 +20,17 @@ class AttentionBackend(Protocol):
 
     def prepare(self, band: Tensor | None, T: int, device: torch.device, dtype: torch.dtype) -> Any: ...
 
+    def builds_dense_mask(self, dropout_p: float) -> bool:
+        """Whether a training forward with this attention dropout builds the (T, T) mask (dense_mask_bytes)."""
+        ...
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prepared: Any, dropout_p: float) -> Tensor: ...
+
+
+def dense_mask_bytes(T: int) -> int:
+    """Peak bytes of band_matrix for T positions: the (T, T) int64 distances and indices, and two float32 copies of
+    the mask (before and after the causal fill); T = 100,000 needs 240 GB."""
+    return 24 * T * T
 
 
 def band_matrix(band: Tensor, T: int, device: torch.device, T_k: int | None = None) -> Tensor:

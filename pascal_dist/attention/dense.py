@@ -16,6 +16,9 @@ class ReferenceBackend:
     name = "reference"
     uses_band = True
 
+    def builds_dense_mask(self, dropout_p: float) -> bool:
+        return True
+
     def prepare(self, band: Tensor | None, T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         # at least float32 whatever the compute dtype: the softmax runs in float32 (float64 in tests)
         acc = torch.promote_types(dtype, torch.float32)
@@ -35,6 +38,9 @@ class SdpaBackend:
     name = "sdpa"
     uses_band = True
 
+    def builds_dense_mask(self, dropout_p: float) -> bool:
+        return True
+
     def prepare(self, band: Tensor | None, T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         if band is None:
             band = torch.zeros(1, device=device)
@@ -49,6 +55,9 @@ class SdpaBackend:
 class NoBiasBackend:
     name = "none"
     uses_band = False
+
+    def builds_dense_mask(self, dropout_p: float) -> bool:
+        return False  # is_causal: SDPA masks inside its kernel
 
     def prepare(self, band: Tensor | None, T: int, device: torch.device, dtype: torch.dtype) -> None:
         return None

@@ -760,6 +760,9 @@ class FusedBackend:
     name = "fused"
     uses_band = True
 
+    def builds_dense_mask(self, dropout_p: float) -> bool:
+        return False
+
     def prepare(self, band: Tensor | None, T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         return band_vector(band, device)
 

@@ -18,6 +18,26 @@ _DS_SHARED_KEYS = (
 )
 
 
+def _refuse_asynchronous_checkpoints(path: str, ds: dict) -> None:
+    """The checkpoint commit protocol writes meta.json once every rank's save_checkpoint has returned, taking the
+    files as durable then; a writer that returns before its files are written would let a crash leave a committed
+    checkpoint with missing files."""
+    checkpoint = ds.get("checkpoint") or {}
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(f"{path}: 'checkpoint' must be a JSON object, got {checkpoint!r}")
+    writer = checkpoint.get("writer") or {}
+    if isinstance(writer, dict) and writer.get("decoupled"):
+        raise ConfigError(
+            f"{path}: checkpoint.writer.decoupled=true writes checkpoints in the background, after save returns; "
+            "pascal-dist commits a checkpoint (meta.json, then latest) only once its files are written: remove it"
+        )
+    if ds.get("datastates_ckpt", False) is not False:
+        raise ConfigError(
+            f"{path}: datastates_ckpt writes checkpoints asynchronously, after save returns; pascal-dist commits a "
+            "checkpoint (meta.json, then latest) only once its files are written: remove it"
+        )
+
+
 def load_ds_config(path: str, cfg: RunConfig, world_size: int) -> dict:
     """Read a DeepSpeed JSON config and fill in what the run config owns, refusing contradictions."""
     if not os.path.isfile(path):
@@ -32,6 +52,7 @@ def load_ds_config(path: str, cfg: RunConfig, world_size: int) -> dict:
     for owned in ("optimizer", "scheduler"):
         if owned in ds:
             raise ConfigError(f"{path}: remove '{owned}': pascal-dist builds AdamW and the LR schedule from train.*")
+    _refuse_asynchronous_checkpoints(path, ds)
     t = cfg.train
     ours = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

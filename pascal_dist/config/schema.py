@@ -65,6 +65,10 @@ class DataConfig:
     """Manifest split to train on."""
     val_split: str = "val"
     """Manifest split to evaluate on (e.g. source_validation for a source's own split)."""
+    verify: bool = False
+    """Before the first step, rank 0 checks every shard's sha256 and token ids against the manifest, as
+    `pascal-dist prepare --verify DIR` does: one read of the whole data dir (docs/data.md gives its cost per GB).
+    Off, the loader still refuses any id >= vocab_size in each batch it gathers."""
 
 
 @dataclass

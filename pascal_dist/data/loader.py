@@ -25,15 +25,29 @@ def read_vocab_size(data_dir: str | Path) -> int:
 
 
 class Windows:
-    """Random access to the (block_size + 1)-token windows of one split, gathered without reading whole shards."""
+    """Random access to the (block_size + 1)-token windows of one split, gathered without reading whole shards.
+
+    Every gathered window is checked against the vocabulary (`check_range`): a damaged shard whose header and size
+    are intact would otherwise feed an id >= vocab_size to the embedding (an IndexError on CPU, a device-side
+    assert on a GPU). The check is a max over the batch's ids on the host, before the copy to the device
+    (bench/bench_loader.py measures its cost). A damaged id below vocab_size cannot be told from a real one:
+    `pascal-dist prepare --verify DIR` (or data.verify) checks the shards' sha256 against the manifest.
+    """
 
     def __init__(
-        self, data_dir: str | Path, split: str, block_size: int, expected_vocab_size: int | None = None
+        self,
+        data_dir: str | Path,
+        split: str,
+        block_size: int,
+        expected_vocab_size: int | None = None,
+        check_range: bool = True,
     ) -> None:
         if block_size < 1:
             raise DataError(f"block_size={block_size}, expected >= 1")
-        self.block_size = block_size
+        self.block_size, self.check_range = block_size, check_range
+        self.vocab_size = read_vocab_size(data_dir)
         shards = open_split(data_dir, split, expected_vocab_size=expected_vocab_size)
+        self._paths = [str(getattr(s, "filename", "?")) for s in shards if len(s) > block_size]
         # A strided (samples, T+1) view per shard: indexing its rows copies just those windows out of the memmap.
         self._views = [
             np.lib.stride_tricks.as_strided(
@@ -61,8 +75,21 @@ class Windows:
         shard = np.searchsorted(self._starts, samples, side="right") - 1
         for k in np.unique(shard):
             rows = shard == k
-            out[rows] = self._views[k][samples[rows] - self._starts[k]]
+            local = samples[rows] - self._starts[k]
+            windows = self._views[k][local]
+            if self.check_range and windows.max(initial=0) >= self.vocab_size:
+                self._refuse(k, local, windows)
+            out[rows] = windows
         return out
+
+    def _refuse(self, shard: int, local: np.ndarray, windows: np.ndarray) -> None:
+        row, col = np.argwhere(windows >= self.vocab_size)[0]
+        offset = int(local[row]) * self.block_size + int(col)  # token index within the shard's tokens
+        raise DataError(
+            f"{self._paths[shard]}: token {offset} is id {int(windows[row, col])}, not below vocab_size "
+            f"{self.vocab_size}: the shard is damaged (check the data dir with `pascal-dist prepare --verify`, or "
+            "prepare it again)"
+        )
 
 
 def _to_device(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

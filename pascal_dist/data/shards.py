@@ -174,9 +174,42 @@ def open_split(
             )
         if count != entry["tokens"]:
             raise DataError(f"{path}: header says {count} tokens, manifest says {entry['tokens']}")
-        if verify == "checksum" and (digest := file_sha256(path, skip=HEADER_SIZE)) != entry["sha256"]:
-            raise DataError(
-                f"{path}: sha256 of the tokens is {digest[:16]}..., manifest says {entry['sha256'][:16]}..."
-            )
+        if verify == "checksum":
+            verify_shard(path, entry["sha256"], manifest["tokenizer"]["vocab_size"], itemsize)
         shards.append(open_shard(path))
     return shards
+
+
+def verify_shard(path: Path, sha256: str, vocab_size: int, itemsize: int) -> None:
+    """One read of a shard's tokens: their sha256 must be the manifest's and every id below vocab_size."""
+    h, dtype, offset = hashlib.sha256(), np.dtype(f"<u{itemsize}"), 0
+    with open(path, "rb") as f:
+        f.seek(HEADER_SIZE)
+        while chunk := f.read(itemsize << 22):  # 4Mi tokens a read
+            h.update(chunk)
+            ids = np.frombuffer(chunk, dtype=dtype)
+            if ids.max(initial=0) >= vocab_size:
+                bad = int(np.argmax(ids >= vocab_size))
+                raise DataError(
+                    f"{path}: token {offset + bad} is id {int(ids[bad])}, not below vocab_size {vocab_size} "
+                    "(a damaged shard: prepare the data again)"
+                )
+            offset += len(ids)
+    if (digest := h.hexdigest()) != sha256:
+        raise DataError(
+            f"{path}: sha256 of the tokens is {digest[:16]}..., manifest says {sha256[:16]}... (a damaged or "
+            "replaced shard: prepare the data again)"
+        )
+
+
+def verify_data_dir(data_dir: str | Path) -> dict[str, int]:
+    """Check every shard of every split against the manifest (header, size, sha256, ids below the vocabulary);
+    returns {"shards", "tokens", "bytes"}. Raises DataError naming the first bad shard."""
+    manifest = read_manifest(data_dir)
+    totals = {"shards": 0, "tokens": 0, "bytes": 0}
+    for split in sorted(manifest["splits"]):
+        for shard in open_split(data_dir, split, verify="checksum"):
+            totals["shards"] += 1
+            totals["tokens"] += len(shard)
+            totals["bytes"] += len(shard) * shard.itemsize
+    return totals

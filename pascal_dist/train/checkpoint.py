@@ -255,6 +255,11 @@ class Checkpointer:
         has no checkpoint at all. Not collective.
         """
         if tag is not None:
+            if tag not in list_tags(self.dir):
+                complete = [t for t in list_tags(self.dir) if read_meta(self.dir, t) is not None]
+                raise CheckpointError(
+                    f"no checkpoint '{tag}' in {self.dir}; available: {', '.join(complete) or 'none'}"
+                )
             why = self.problem(tag)
             if why:
                 raise CheckpointError(why)

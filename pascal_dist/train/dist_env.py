@@ -12,6 +12,12 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
+from pascal_dist.errors import UserError
+
+
+class LaunchError(UserError):
+    """A process started in a way that would leave it waiting for ranks that never come."""
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -61,6 +67,14 @@ def detect(environ: Mapping[str, str] = os.environ) -> DistEnv:
             "deepspeed/torchrun",
         )
     if "SLURM_PROCID" in e and "SLURM_NTASKS" in e and int(e["SLURM_NTASKS"]) > 1:
+        if "SLURM_STEP_ID" not in e:
+            # The batch script itself (SLURM_PROCID=0 of SLURM_NTASKS, but no job step): the other ranks were never
+            # started, so waiting for them at the rendezvous would hang until the job's time limit.
+            raise LaunchError(
+                f"SLURM_NTASKS={e['SLURM_NTASKS']} but this process was not started by srun (no SLURM_STEP_ID): "
+                "start one process per task with `srun python launcher/train.py ...` (as slurm/*.sh do), or "
+                "allocate --ntasks=1 to run one process"
+            )
         addr = e.get("MASTER_ADDR") or first_host(e.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         port = int(e["MASTER_PORT"]) if "MASTER_PORT" in e else _port_from_job(e.get("SLURM_JOB_ID", "0"))
         return DistEnv(

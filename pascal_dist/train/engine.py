@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from pascal_dist.config import ConfigError
 from pascal_dist.config.schema import TrainConfig
 from pascal_dist.train import zero_step
 from pascal_dist.train.dist_env import DistEnv, export
@@ -65,6 +66,24 @@ def _unlink_cpu_shm_segment(env: DistEnv) -> None:
             pass
 
 
+# What pascal-dist relies on (also pyproject's requirement): under bf16, DeepSpeed skips a step whose gradient is not
+# finite only from 0.19.8 on (ZeRO-1/2 since 0.19.4, ZeRO-3 since 0.19.8); an older one applies the NaN to the
+# weights, and the skip counter, train.max_bad_steps and the bias-warmup counter never see it.
+DEEPSPEED_REQUIRED = ">=0.19.8,<0.20"
+
+
+def require_deepspeed() -> None:
+    """ConfigError (one line, exit 2) unless the installed DeepSpeed is one pascal-dist supports."""
+    import deepspeed
+    from packaging.specifiers import SpecifierSet
+
+    if deepspeed.__version__ not in SpecifierSet(DEEPSPEED_REQUIRED):
+        raise ConfigError(
+            f"DeepSpeed {deepspeed.__version__} is installed; pascal-dist needs deepspeed{DEEPSPEED_REQUIRED} (older "
+            f"releases apply a bf16 step whose gradient is not finite): pip install 'deepspeed{DEEPSPEED_REQUIRED}'"
+        )
+
+
 def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict):
     """Wrap `model` in a ZeRO engine; returns (engine, optimizer, lr_scheduler).
 
@@ -73,6 +92,7 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict):
     """
     import deepspeed
 
+    require_deepspeed()
     groups = model.param_groups(train.weight_decay)
     # fused: one kernel for all parameters, and no host read of the step count (the for-each version reads it)
     optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), fused=True)

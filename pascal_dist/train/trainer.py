@@ -21,15 +21,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pascal_dist.attention import fused_unavailable_reason, runnable_backend
+from pascal_dist.attention import dense_mask_bytes, fused_unavailable_reason, get_backend, runnable_backend
 from pascal_dist.config import ConfigError, load_ds_config, to_yaml
 from pascal_dist.config.schema import RunConfig
 from pascal_dist.data import DataError, TrainLoader, read_manifest, val_batches
+from pascal_dist.data.shards import verify_data_dir
 from pascal_dist.model import PascalGPT
 from pascal_dist.model.bias import alpha as bias_alpha
+from pascal_dist.train import zero_step
 from pascal_dist.train.checkpoint import Checkpointer, CheckpointError, Identity, list_tags
 from pascal_dist.train.dist_env import DistEnv
-from pascal_dist.train.engine import build_engine, compile_engine, init_distributed
+from pascal_dist.train.engine import build_engine, compile_engine, init_distributed, require_deepspeed
 from pascal_dist.train.metrics import MetricsWriter, StepTimer, memory_gib
 from pascal_dist.train.preemption import (
     EXIT_NUMERICAL,
@@ -79,6 +81,7 @@ class Trainer:
                 f"{fused_unavailable_reason()}; 'banded' computes the same function anywhere"
             )
         self.run_dir = t.run_dir
+        require_deepspeed()
         ds_config = load_ds_config(ds_config_path, cfg, env.world_size)
         _check_writable(self.run_dir)
         ckpt_dir = os.path.join(self.run_dir, "checkpoints")
@@ -94,6 +97,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.stop_vote = StopVote(self.device)
+        self._together(self._check_attention_memory)
+        if cfg.data.verify:
+            self._together(lambda: self._verify_data() if env.is_main else None)
         self.loader = self._together(
             lambda: TrainLoader(
                 cfg.data.dir,
@@ -115,12 +121,15 @@ class Trainer:
         self.ckpt = Checkpointer(ckpt_dir, env.rank, env.world_size, cfg.checkpoint.keep_last, identity, self._log)
         plan = None if resume == "never" else self.ckpt.choose(None if resume == "auto" else resume)
         if plan is not None and plan["world_size"] != env.world_size:
-            ds_config["checkpoint"] = {"load_universal": True}  # DeepSpeed reshards the ZeRO state on load
+            # DeepSpeed reshards the ZeRO state on load; the user's other checkpoint settings stay
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
 
         seed_everything(t.seed)  # identical initial weights on every rank
         self.model = PascalGPT(cfg.model)
         self.n_params = self.model.num_params()  # before ZeRO-3 partitions the parameters away
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, t, ds_config)
+        if (untested := zero_step.untested_deepspeed()) is not None:
+            self._log(f"note: {untested}")
         seed_everything(t.seed + RANK_SEED_STRIDE * (env.rank + 1))  # independent dropout masks per rank
         self.compiled = t.compile if t.compile is not None else torch.cuda.is_available()
         if self.compiled:
@@ -166,6 +175,37 @@ class Trainer:
                 f"rank {failed.item() - 1} could not open the data (its error is in the job output)"
             )
         return result
+
+    def _check_attention_memory(self) -> None:
+        """Refuse, in one line, a block_size whose dense (T, T) attention mask cannot be allocated here, rather than
+        fail in the first forward with an allocator traceback."""
+        m = self.cfg.model
+        backend = get_backend(m.attention.backend, m.attention.kernels)
+        if not backend.builds_dense_mask(m.attn_dropout):
+            return
+        need = dense_mask_bytes(m.block_size)
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        if need > free:
+            raise ConfigError(
+                f"model.block_size={m.block_size}: attention backend '{m.attention.backend}'"
+                f"{' with attn_dropout > 0' if m.attention.backend == 'banded' else ''} builds a "
+                f"{m.block_size} x {m.block_size} mask ({need / 2**30:.1f} GiB) and {free / 2**30:.1f} GiB are "
+                f"free here; use model.attention.backend=banded with model.attn_dropout=0 (O(T) memory), fused on a "
+                "GPU, or a smaller model.block_size"
+            )
+
+    def _verify_data(self) -> None:
+        start = time.monotonic()
+        totals = verify_data_dir(self.cfg.data.dir)
+        self._log(
+            f"data.verify: {totals['shards']} shards, {totals['bytes'] / 1e9:.3f} GB match the manifest "
+            f"({time.monotonic() - start:.1f} s)"
+        )
 
     # --- the counter -------------------------------------------------------------------------------------
     @property

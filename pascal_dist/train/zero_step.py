@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 
 PATCHED = ("check_overflow", "get_grad_norm_direct")  # the optimizer attributes these patches set
+# The DeepSpeed releases these patches were read against and tested with; on any other the engine runs DeepSpeed's
+# own step (correct, slower), and the trainer says so once.
+TESTED_DEEPSPEED = ("0.19.8",)
 
 
 def apply(optimizer) -> None:
@@ -23,10 +26,20 @@ def restore_deepspeed_step(optimizer) -> bool:
 
 
 def _checked_deepspeed() -> bool:
+    return untested_deepspeed() is None
+
+
+def untested_deepspeed() -> str | None:
+    """Why the patches do not apply to the installed DeepSpeed, or None when they do."""
     import deepspeed
     from packaging.version import Version
 
-    return Version("0.19.8") <= Version(deepspeed.__version__) < Version("0.20")
+    if any(Version(deepspeed.__version__) == Version(v) for v in TESTED_DEEPSPEED):
+        return None
+    return (
+        f"DeepSpeed {deepspeed.__version__}: its own ZeRO step runs (correct, slower); the step patches of "
+        f"pascal_dist/train/zero_step.py were tested with DeepSpeed {', '.join(TESTED_DEEPSPEED)} only"
+    )
 
 
 def _zero_1_2(optimizer) -> bool:

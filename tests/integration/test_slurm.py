@@ -236,3 +236,40 @@ def test_cancel_checkpoints_but_does_not_requeue(slurm_cluster, tiny_data, tmp_p
     assert re.fullmatch(r"step\d{8}", latest_tag(run_dir)), "the ranks checkpoint on SIGTERM too"
     time.sleep(2)  # a requeue would show by now (the scheduler looks every second)
     assert slurm_cluster.job(job)["JobState"] == "CANCELLED"
+
+
+def test_train_run_directly_in_a_multi_task_batch_script_stops_with_the_reason(slurm_cluster, tiny_data, tmp_path):  # noqa: F811
+    """A frequent mistake: `python launcher/train.py` in an sbatch script of several tasks, without srun. The one
+    process started must not wait for ranks that never come: it ends at once, exit 2, one line that says srun."""
+    script = tmp_path / "no_srun.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"cd {REPO}\n"
+        f"{sys.executable} launcher/train.py {' '.join(TINY)} data.dir={tiny_data} train.run_dir={tmp_path}/run\n"
+    )
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "-p",
+            "debug",
+            "--time=5",
+            "--ntasks=2",
+            "--ntasks-per-node=2",
+            "--cpus-per-task=1",
+            f"--output={tmp_path}/job.out",
+            f"--error={tmp_path}/job.err",
+            str(script),
+        ],
+        env=slurm_cluster.env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    info = slurm_cluster.wait(proc.stdout.strip().split(";")[0], timeout=120)
+    err = (tmp_path / "job.err").read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "not started by srun" in errors[0], err[-3000:]
+    assert not (tmp_path / "run").exists()  # nothing was written

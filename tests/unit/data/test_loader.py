@@ -159,3 +159,25 @@ def test_errors(data_dir: Path) -> None:
     with pytest.raises(DataError, match="rank=2"):
         TrainLoader(str(data_dir), "train", T, 1, 1, 2, 2, 0)
     assert read_vocab_size(data_dir) == 4096
+
+
+def test_a_batch_with_an_id_beyond_the_vocabulary_is_refused_with_shard_and_offset(tmp_path):
+    """A shard damaged in place (header and size intact) reaches the loader; the batch that holds the bad id is
+    refused before it reaches the model, naming the shard and the token's offset in it."""
+    import struct
+
+    from pascal_dist.data import DataError
+    from pascal_dist.data.loader import Windows
+    from pascal_dist.data.shards import HEADER_SIZE
+    from tests.unit.data.test_shards import make_dir
+
+    d = make_dir(tmp_path, vocab=1000, lengths=(500, 300))
+    with open(d / "train_00001.bin", "r+b") as f:
+        f.seek(HEADER_SIZE + 2 * 37)
+        f.write(struct.pack("<H", 65000))
+    windows = Windows(d, "train", block_size=10)
+    first_of_shard_1 = 499 // 10  # shard 0 has 49 windows of 11 tokens
+    windows.gather(np.arange(first_of_shard_1))  # every window of shard 0 is fine
+    with pytest.raises(DataError, match=r"train_00001.bin: token 37 is id 65000, not below vocab_size 1000"):
+        windows.gather(np.array([first_of_shard_1 + 3]))  # shard 1's window 3 holds tokens 30..40
+    assert Windows(d, "train", block_size=10, check_range=False).gather(np.array([first_of_shard_1 + 3])).max() == 65000

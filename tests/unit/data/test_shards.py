@@ -141,3 +141,30 @@ def test_manifest_errors(tmp_path: Path) -> None:
     (d / "manifest.json").write_text(json.dumps({"format_version": 1, "splits": {}}))
     with pytest.raises(DataError, match="missing key 'tokenizer'"):
         read_manifest(d)
+
+
+def damage(path: Path, token: int, value: int) -> None:
+    """Overwrite one token of a shard in place: header, size and manifest stay as they were."""
+    with open(path, "r+b") as f:
+        f.seek(HEADER_SIZE + 2 * token)
+        f.write(struct.pack("<H", value))
+
+
+def test_verify_names_the_shard_and_token_of_an_id_beyond_the_vocabulary(tmp_path: Path) -> None:
+    from pascal_dist.data.shards import verify_data_dir
+
+    d = make_dir(tmp_path)
+    assert verify_data_dir(d) == {"shards": 2, "tokens": 800, "bytes": 1600}
+    damage(d / "train_00001.bin", token=123, value=4000)
+    with pytest.raises(DataError, match=r"train_00001.bin: token 123 is id 4000, not below vocab_size 1000"):
+        verify_data_dir(d)
+
+
+def test_verify_finds_a_damaged_id_below_the_vocabulary_by_its_checksum(tmp_path: Path) -> None:
+    from pascal_dist.data.shards import verify_data_dir
+
+    d = make_dir(tmp_path)
+    tokens = np.asarray(open_shard(d / "train_00000.bin"))
+    damage(d / "train_00000.bin", token=7, value=(int(tokens[7]) + 1) % 1000)
+    with pytest.raises(DataError, match=r"train_00000.bin: sha256 of the tokens is .*manifest says"):
+        verify_data_dir(d)

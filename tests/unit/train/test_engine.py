@@ -1,6 +1,7 @@
 """The engine: the reference recipe learning-rate schedule in optimizer steps, and compiling (scopes, memory budget)."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from pascal_dist.config.schema import TrainConfig
 from pascal_dist.train.engine import compile_engine, compile_model, lr_lambda
+from tests.helpers import REPO
 from tests.unit.attention.test_banded import batch, build, loss_and_grads
 
 
@@ -108,3 +110,32 @@ def test_cuda_bf16_compiled_matches_eager(backend, scope):
     for name in g0:
         rel = ((g1[name] - g0[name]).norm() / g0[name].norm().clamp_min(1e-12)).item()
         assert rel < 5e-2, (name, rel)
+
+
+def test_deepspeed_outside_the_required_range_is_refused(monkeypatch):
+    """Older DeepSpeed releases apply a bf16 step whose gradient is NaN; pyproject and the run both refuse them."""
+    import deepspeed
+
+    from pascal_dist.config import ConfigError
+    from pascal_dist.train.engine import DEEPSPEED_REQUIRED, require_deepspeed
+
+    with open(os.path.join(REPO, "pyproject.toml")) as f:
+        assert f'"deepspeed{DEEPSPEED_REQUIRED}"' in f.read()
+    for version in ("0.16.0", "0.19.7", "0.20.0"):
+        monkeypatch.setattr(deepspeed, "__version__", version)
+        with pytest.raises(ConfigError, match=f"DeepSpeed {version} is installed; pascal-dist needs deepspeed>=0.19.8"):
+            require_deepspeed()
+    monkeypatch.setattr(deepspeed, "__version__", "0.19.8")
+    require_deepspeed()
+
+
+def test_the_step_patches_apply_only_to_tested_deepspeed(monkeypatch):
+    import deepspeed
+
+    from pascal_dist.train import zero_step
+
+    monkeypatch.setattr(deepspeed, "__version__", zero_step.TESTED_DEEPSPEED[-1])
+    assert zero_step.untested_deepspeed() is None
+    monkeypatch.setattr(deepspeed, "__version__", "0.19.9")  # within the requirement, but nobody tested it
+    assert "DeepSpeed 0.19.9: its own ZeRO step runs" in zero_step.untested_deepspeed()
+    assert not zero_step._checked_deepspeed()
