@@ -262,3 +262,12 @@ def test_bench_memory_compiled_columns_follow_the_memory_budget(monkeypatch):
     default, lean = (bench_memory.compiled_saved_gib(a, "fused", 0.1, b) for b in (1.0, 0.9))
     eager = bench_memory.peak_gib(a, "fused", 0.1)[1]
     assert lean < 0.9 * default and 0.5 * eager < default < 1.5 * eager, (lean, default, eager)
+
+
+def test_bench_loader_times_the_id_check_and_verify_side_by_side(tiny_data):
+    rows = run("bench_loader.py", "--data", tiny_data, "--batches", "8", "--verify-mb", "4")
+    assert [r.split("|")[1].strip() for r in rows[1:]] == [
+        "naive (Python loop per window)",
+        "TrainLoader, no id check",
+        "TrainLoader (vectorised memmap gather, ids < vocab checked)",
+    ]
