@@ -277,21 +277,35 @@ def export_command(a: argparse.Namespace) -> int:
 def _add_ablate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ablate",
-        help="train arms that differ in one setting and compare them",
-        description="Ablation: Pascal bias vs none (or a bias.warmup_steps sweep), same seed, data and budget.",
+        help="train arms that differ in one setting on several seeds and compare them with paired intervals",
+        description="Ablation: Pascal bias vs a learned band vs none (or a bias.warmup_steps sweep), every arm on "
+        "every seed (a seed fixes the initial weights and the data order, shared by the arms), scored on the "
+        "held-out split, with paired 95% intervals against the baseline.",
     )
-    p.add_argument("--out", default="runs/ablation", help="directory for the arms' runs, the plot and the table")
+    p.add_argument("--out", default="runs/ablation", help="directory for the runs, the summary, table and plots")
     p.add_argument("--config", default="configs/ablation.yaml")
     p.add_argument("--ds_config", default="configs/zero2.json")
-    p.add_argument("--nprocs", type=int, default=2, help="ranks per arm (deepspeed --num_gpus)")
+    p.add_argument("--nprocs", type=int, default=2, help="ranks per run (deepspeed --num_gpus)")
+    p.add_argument("--seeds", default="1", help="comma-separated train.seed values, e.g. 1,2,3,4,5")
     p.add_argument(
         "--sweep-warmup",
         default=None,
-        help="comma-separated bias.warmup_steps values (Pascal backend) instead of Pascal vs none",
+        help="comma-separated bias.warmup_steps values (Pascal bias) instead of the backend arms; the first is the "
+        "baseline",
     )
-    p.add_argument("--time-limit", type=float, default=0.0, help="wall-clock budget per arm in s (0 = steps only)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides applied to every arm")
+    p.add_argument("--time-limit", type=float, default=0.0, help="wall-clock budget per run in s (0 = steps only)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides applied to every run")
     p.set_defaults(run=ablate_command)
+
+
+def _integers(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated integers") from None
+    if len(set(values)) != len(values):
+        raise UsageError(f"{flag} {text!r}: a value is repeated")
+    return values
 
 
 def ablate_command(a: argparse.Namespace) -> int:
@@ -301,15 +315,14 @@ def ablate_command(a: argparse.Namespace) -> int:
     for flag, path in (("--config", a.config), ("--ds_config", a.ds_config)):
         if not os.path.isfile(path):
             raise ConfigError(f"{flag} {path}: file not found")
+    seeds = _integers("--seeds", a.seeds)
     if a.sweep_warmup:
-        try:
-            arms = warmup_arms([int(v) for v in a.sweep_warmup.split(",")])
-        except ValueError:
-            raise UsageError(f"--sweep-warmup {a.sweep_warmup!r}: expected comma-separated integers") from None
+        arms = warmup_arms(_integers("--sweep-warmup", a.sweep_warmup))
+        baseline = arms[0].name
     else:
-        arms = backend_arms()
-    md = ablate(a.out, a.config, a.ds_config, arms, a.nprocs, a.overrides, a.time_limit)
-    print(f"{md}\n\nwritten {a.out}/ablation.png, {a.out}/ablation.md; compare: tensorboard --logdir {a.out}")
+        arms, baseline = backend_arms(), "none"
+    md = ablate(a.out, a.config, a.ds_config, arms, seeds, a.nprocs, a.overrides, a.time_limit, baseline)
+    print(f"{md}\n\nwritten {a.out}/summary.json, ablation.md, ablation.png; compare: tensorboard --logdir {a.out}")
     return 0
 
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pascal_dist.attention import KERNEL_CHOICES, backend_names
-from pascal_dist.config.schema import RunConfig
+from pascal_dist.config.schema import BIAS_KINDS, RunConfig
 from pascal_dist.errors import UserError
 
 COMPILE_SCOPES = ("blocks", "model")  # train.compile_scope
@@ -104,10 +104,12 @@ def validate(cfg: RunConfig) -> None:
         m.attention.kernels in KERNEL_CHOICES,
         f"model.attention.kernels must be one of {', '.join(KERNEL_CHOICES)}, got '{m.attention.kernels}'",
     )
+    need(m.bias.kind in BIAS_KINDS, f"model.bias.kind must be one of {', '.join(BIAS_KINDS)}, got '{m.bias.kind}'")
     need(m.bias.pascal_n >= 1, f"model.bias.pascal_n must be >= 1, got {m.bias.pascal_n}")
+    most = m.bias.pascal_n + 1 if m.bias.kind == "pascal" else m.block_size  # layer n of the pyramid has n+1 rows
     need(
-        1 <= m.bias.window <= m.bias.pascal_n + 1,
-        f"model.bias.window must be in [1, pascal_n + 1 = {m.bias.pascal_n + 1}], got {m.bias.window}",
+        1 <= m.bias.window <= most,
+        f"model.bias.window must be in [1, {most}] for kind {m.bias.kind}, got {m.bias.window}",
     )
     need(m.bias.warmup_steps >= 0, f"model.bias.warmup_steps must be >= 0, got {m.bias.warmup_steps}")
     for key in ("micro_batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches"):

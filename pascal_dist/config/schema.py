@@ -10,9 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+BIAS_KINDS = ("pascal", "learned")  # model.bias.kind
+
 
 @dataclass
 class BiasConfig:
+    kind: str = "pascal"
+    """pascal: the pyramid band, ramped in by the warm-up, with the learnable skip penalty | learned: the control, the
+    same `window` diagonals as free parameters (one per diagonal, shared by every head and layer), initialised at 0,
+    no pyramid and no warm-up; pascal_n, theta_init and warmup_steps do not apply to it."""
     pascal_n: int = 3
     """Layer of Pascal's pyramid the band coefficients come from (3 in the reference model)."""
     window: int = 3

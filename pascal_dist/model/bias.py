@@ -49,6 +49,8 @@ def alpha(step: Tensor, warmup_steps: int) -> Tensor:
 class PascalBias(nn.Module):
     """One learnable band shared by every head and layer: forward(step) -> a, shape (window,)."""
 
+    uses_warmup = True  # forward(step) ramps the band in with alpha(step)
+
     def __init__(self, cfg: BiasConfig) -> None:
         super().__init__()
         self.warmup_steps = cfg.warmup_steps
@@ -76,3 +78,27 @@ class PascalBias(nn.Module):
         theta = self.theta.to(dt)
         penalty = torch.exp(-torch.exp(theta) * self.skip_pow.to(dt))  # (window,) = s^max(d-1, 0)
         return alpha(step, self.warmup_steps).to(dt) * self.base.to(dt) * penalty  # (window,)
+
+
+class LearnedBand(nn.Module):
+    """The control of the ablation: a band of `window` free parameters, one per diagonal, shared by every head and
+    layer, initialised at 0 (so it starts as the unbiased model) with no pyramid and no warm-up. It separates what
+    the pyramid's coefficients add from what any learned locality adds. forward(step) -> a, shape (window,)."""
+
+    uses_warmup = False
+
+    def __init__(self, cfg: BiasConfig) -> None:
+        super().__init__()
+        self.window = cfg.window
+        self.band = nn.Parameter(torch.zeros(cfg.window))
+
+    def forward(self, step: Tensor) -> Tensor:
+        return self.band.to(torch.promote_types(self.band.dtype, torch.float32))  # float32 under a bf16 wrapper
+
+
+def make_bias(cfg: BiasConfig) -> PascalBias | LearnedBand:
+    """The bias module of model.bias.kind."""
+    kinds = {"pascal": PascalBias, "learned": LearnedBand}
+    if cfg.kind not in kinds:
+        raise ValueError(f"model.bias.kind must be one of {', '.join(kinds)}, got {cfg.kind!r}")
+    return kinds[cfg.kind](cfg)

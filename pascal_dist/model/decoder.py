@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pascal_dist.attention import AttentionBackend, attend_cached, get_backend
 from pascal_dist.config.schema import ModelConfig
-from pascal_dist.model.bias import PascalBias
+from pascal_dist.model.bias import LearnedBand, PascalBias, make_bias
 from pascal_dist.model.loss import linear_cross_entropy
 
 
@@ -124,8 +124,8 @@ class PascalGPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size)
         self.lm_head.weight = self.wte.weight  # tied
-        # the unbiased baseline owns no theta: no unused parameter for DDP/ZeRO to trip over
-        self.bias: PascalBias | None = PascalBias(cfg.bias) if self.backend.uses_band else None
+        # the unbiased baseline owns no bias parameter: nothing unused for DDP/ZeRO to trip over
+        self.bias: PascalBias | LearnedBand | None = make_bias(cfg.bias) if self.backend.uses_band else None
         # t of alpha(t): int64 so that a wrapper's module.bfloat16() cannot round it; written only
         # in place (set_bias_step) so a compiled graph sees a new value, not a new tensor
         self.register_buffer("bias_step", torch.zeros((), dtype=torch.long), persistent=False)

@@ -232,15 +232,21 @@ class Trainer:
         """alpha(t) at the counter the model holds (what evaluation and the next checkpoint use)."""
         return float(bias_alpha(self.model.bias_step, self.cfg.model.bias.warmup_steps))
 
-    def _theta(self) -> float:
-        """theta from the fp32 master copy (the bf16 model copy rounds away small updates); 0.0 for `none`."""
+    def _bias_parameter(self, name: str) -> list[float] | None:
+        """A parameter of the bias module (theta, or the learned band) from the fp32 master copy (the bf16 model
+        copy rounds away small updates); None when the bias has no such parameter. Collective under ZeRO-3."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        if self.model.bias is None:
-            return 0.0
-        theta = self.model.bias.theta
-        master = safe_get_full_fp32_param(theta)  # collective under ZeRO-3
-        return float((master if master is not None else theta).detach().float().reshape(-1)[0])
+        param = getattr(self.model.bias, name, None)
+        if param is None:
+            return None
+        master = safe_get_full_fp32_param(param)
+        return (master if master is not None else param).detach().float().reshape(-1).tolist()
+
+    def _theta(self) -> float:
+        """theta; 0.0 where the bias has none (`none`, the learned band)."""
+        theta = self._bias_parameter("theta")
+        return theta[0] if theta else 0.0
 
     # --- the loop ----------------------------------------------------------------------------------------
     def train(self) -> None:
@@ -347,8 +353,10 @@ class Trainer:
             "step_time": step_time,
             "memory_gib": memory_gib(),
         }
-        if self.model.bias is not None:
+        if getattr(self.model.bias, "theta", None) is not None:
             values.update({"bias/theta": theta, "bias/skip_penalty": math.exp(-math.exp(theta))})
+        if (band := self._bias_parameter("band")) is not None:  # the learned control's diagonals
+            values.update({f"bias/band_{d}": v for d, v in enumerate(band)})
         self.metrics.scalars(values, step)
         if self.env.is_main:
             with open(os.path.join(self.run_dir, "rank_sync.jsonl"), "a") as f:
