@@ -32,6 +32,30 @@ TINY = [
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# One process, one layer: a run that trains a few steps in seconds without any launcher (vocab of tiny_data).
+ONE_PROCESS = [
+    "model.vocab_size=512",
+    "model.block_size=32",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "train.micro_batch_size=2",
+    "train.grad_accum=1",
+    "train.max_steps=2",
+    "train.eval_interval=2",
+    "train.eval_batches=1",
+    "logging.log_interval=1",
+]
+
+
+def run_python(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`python ARGS` from the checkout in a fresh process, as a user starts it: no launcher's rank variables."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, text=True, capture_output=True, timeout=timeout)
+
+
 def train_command(ds_config: str, nprocs: int = 2, resume: str = "never", faults: tuple[str, ...] = ()) -> list[str]:
     """`deepspeed --num_gpus N launcher/train.py ...`; with `faults` (tests.integration.workers.faults flags, e.g.
     ("--nan-loss", "3:1")), the fault-injecting entry point runs in place of launcher/train.py."""

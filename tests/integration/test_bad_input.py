@@ -12,39 +12,21 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from pascal_dist.data.shards import HEADER_SIZE, read_manifest
-from tests.helpers import REPO
+from tests.helpers import ONE_PROCESS, run_python
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "model.vocab_size=512",
-    "model.block_size=32",
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "train.micro_batch_size=2",
-    "train.grad_accum=1",
+# ONE_PROCESS with two checkpoints (steps 2 and 4) and no compiling (a GPU would compile by default)
+TINY = [o for o in ONE_PROCESS if not o.startswith("train.max_steps")] + [
     "train.max_steps=4",
-    "train.eval_interval=2",
-    "train.eval_batches=1",
-    "logging.log_interval=1",
     "checkpoint.interval=2",
     "train.compile=false",
 ]
-
-
-def launch(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, text=True, capture_output=True, timeout=timeout)
 
 
 def first_train_shard(data_dir: str) -> str:
@@ -67,11 +49,11 @@ def world(tiny_data, tmp_path_factory):
     data = root / "data"
     shutil.copytree(tiny_data, data)
     run = root / "run"
-    trained = launch("launcher/train.py", *TINY, f"data.dir={data}", f"train.run_dir={run}")
+    trained = run_python("launcher/train.py", *TINY, f"data.dir={data}", f"train.run_dir={run}")
     assert trained.returncode == 0, trained.stderr[-3000:]
-    exported = launch("-m", "pascal_dist", "export", str(run), str(root / "export"))
+    exported = run_python("-m", "pascal_dist", "export", str(run), str(root / "export"))
     assert exported.returncode == 0, exported.stderr[-3000:]
-    evaluated = launch("-m", "pascal_dist", "evaluate", str(root / "export"), "--limit", "500")
+    evaluated = run_python("-m", "pascal_dist", "evaluate", str(root / "export"), "--limit", "500")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     for name, value in (("beyond_vocab", 60000), ("below_vocab", None)):
         shutil.copytree(data, root / name)
@@ -202,7 +184,7 @@ def snapshot(root) -> dict[str, str]:
 def test_bad_input(world, case):
     args, pattern = CASES[case]
     before = snapshot(world)
-    proc = launch(*(a.format(w=world) for a in args))
+    proc = run_python(*(a.format(w=world) for a in args))
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     print(f"\n| {case} | `{errors[0] if errors else proc.stderr[-300:]}` |")
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -2,40 +2,16 @@
 (launcher/train.py's cases in a real process, nothing overwritten), overrides anywhere among the flags."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import ONE_PROCESS, run_python
 
-TINY = [
-    "model.vocab_size=512",
-    "model.block_size=32",
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "train.micro_batch_size=2",
-    "train.grad_accum=1",
-    "train.max_steps=2",
-    "train.eval_interval=2",
-    "train.eval_batches=1",
-    "logging.log_interval=1",
-]
+TINY = ONE_PROCESS
 
 
 def train(*args, timeout=180):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return subprocess.run(
-        [sys.executable, "launcher/train.py", *args],
-        cwd=REPO,
-        env=env,
-        text=True,
-        capture_output=True,
-        timeout=timeout,
-    )
+    return run_python("launcher/train.py", *args, timeout=timeout)
 
 
 def assert_one_line_error(proc, pattern):
@@ -101,12 +77,7 @@ def test_existing_checkpoints_need_resume_and_are_kept(tiny_data, tmp_path):
 
 def pascal_dist(*args, timeout=120):
     """`python -m pascal_dist ...` in a fresh process, as a user types it."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return subprocess.run(
-        [sys.executable, "-m", "pascal_dist", *args], cwd=REPO, env=env, text=True, capture_output=True, timeout=timeout
-    )
+    return run_python("-m", "pascal_dist", *args, timeout=timeout)
 
 
 def test_help_lists_the_six_subcommands():
