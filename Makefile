@@ -16,7 +16,7 @@ install: .install-stamp
 # pytest, ruff, and Triton for the GPU kernels' tests (run in its CPU interpreter where there is no GPU)
 install-dev: .install-dev-stamp
 .install-dev-stamp: .install-stamp
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,hf,eval]"
 	touch $@
 
 # The Slurm tests run a real 2-node cluster on this machine (Debian packages; needs root). Elsewhere they skip,

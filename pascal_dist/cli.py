@@ -1,4 +1,4 @@
-"""The command line: `pascal-dist {prepare,train,evaluate,generate,export,ablate}`, also `python -m pascal_dist`.
+"""The command line: `pascal-dist {prepare,train,evaluate,generate,export,ablate,lm-eval}`, or `python -m pascal_dist`.
 
 Each subcommand is a parser (`_add_<name>`) and one function (`<name>_command`) that calls the library with typed
 arguments. Bad input anywhere raises a `UserError`; `main` turns it into one `error: ...` line on stderr and exit
@@ -258,15 +258,30 @@ def generate_command(a: argparse.Namespace) -> int:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="checkpoint (any ZeRO stage) -> safetensors + config + tokenizer",
-        description="Export a checkpoint to a directory that loads without DeepSpeed.",
+        help="checkpoint (any ZeRO stage) -> safetensors + config + tokenizer, or a transformers model (--format hf)",
+        description="Export a checkpoint to a directory that loads without DeepSpeed; with --format hf, one that "
+        "transformers' AutoModelForCausalLM (trust_remote_code=True) and AutoTokenizer load.",
     )
-    p.add_argument("checkpoint", help="run dir, checkpoints dir or checkpoint tag dir")
-    p.add_argument("out", help="new directory for model.safetensors, config.yaml, tokenizer.json")
+    p.add_argument(
+        "checkpoint", help="run dir, checkpoints dir or checkpoint tag dir (--format hf: or an exported dir)"
+    )
+    p.add_argument("out", help="new directory for model.safetensors, config.yaml, tokenizer.json (and the hf files)")
+    p.add_argument(
+        "--format",
+        choices=("safetensors", "hf"),
+        default="safetensors",
+        help="safetensors (default): pascal-dist's export; hf: also config.json, the modeling code and the "
+        "tokenizer for transformers and lm-eval's hf model, plus a model card (needs pascal-dist[hf])",
+    )
     p.set_defaults(run=export_command)
 
 
 def export_command(a: argparse.Namespace) -> int:
+    if a.format == "hf":
+        from pascal_dist.eval.hf_export import export_hf
+
+        print(export_hf(a.checkpoint, a.out))
+        return 0
     from pascal_dist.eval.export import export_checkpoint
 
     print(export_checkpoint(a.checkpoint, a.out))
@@ -326,8 +341,61 @@ def ablate_command(a: argparse.Namespace) -> int:
     return 0
 
 
+# --- lm-eval -------------------------------------------------------------------------------------------------
+def _add_lm_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness tasks on a model (lm-eval's model `pascal-dist`; needs pascal-dist[eval])",
+        description="Run lm-evaluation-harness tasks (hellaswag, arc_easy, piqa, wikitext, lambada_openai, or local "
+        "task YAMLs) on an exported model or a checkpoint, through the lm-eval model `pascal-dist`.",
+    )
+    p.add_argument("model", help="exported model dir (safetensors or hf), or a run dir / checkpoints dir / tag dir")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task, group or tag names")
+    p.add_argument("--include_path", "--include-path", default=None, help="directory of extra task YAMLs")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each task (for a quick look)")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if there is one)")
+    p.add_argument("--num_fewshot", "--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
+    p.add_argument(
+        "--bootstrap_iters",
+        "--bootstrap-iters",
+        type=int,
+        default=100_000,
+        help="bootstrap resamples for the standard errors of non-mean metrics (0: skip them)",
+    )
+    p.add_argument("--output_path", "--output-path", default=None, help="results JSON file, or a directory for it")
+    p.add_argument("--log_samples", "--log-samples", action="store_true", help="keep every example's requests")
+    p.set_defaults(run=lm_eval_command)
+
+
+def lm_eval_command(a: argparse.Namespace) -> int:
+    from pascal_dist.eval.lm_eval_model import LmEvalRequest, run_lm_eval, save_lm_eval
+
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UsageError(f"--tasks {a.tasks!r}: expected comma-separated task names")
+    request = LmEvalRequest(
+        model=a.model,
+        tasks=tasks,
+        include_path=a.include_path,
+        limit=a.limit,
+        batch_size=a.batch_size,
+        device=a.device,
+        num_fewshot=a.num_fewshot,
+        bootstrap_iters=a.bootstrap_iters,
+        log_samples=a.log_samples,
+    )
+    results = run_lm_eval(request)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if a.output_path:
+        print(f"written to {save_lm_eval(results, a.output_path)}")
+    return 0
+
+
 # --- the one entry point -------------------------------------------------------------------------------------
-SUBCOMMANDS = (_add_prepare, _add_train, _add_evaluate, _add_generate, _add_export, _add_ablate)
+SUBCOMMANDS = (_add_prepare, _add_train, _add_evaluate, _add_generate, _add_export, _add_ablate, _add_lm_eval)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -339,7 +407,9 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pascal-dist", description="Train, evaluate, sample and export the Pascal-biased decoder.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{prepare,train,evaluate,generate,export,ablate}")
+    sub = p.add_subparsers(
+        dest="command", required=True, metavar="{prepare,train,evaluate,generate,export,ablate,lm-eval}"
+    )
     for add in SUBCOMMANDS:
         add(sub)
     return p
