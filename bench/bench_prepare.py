@@ -1,4 +1,6 @@
-"""Benchmark: prepare the embedded corpus (42 plays) into a temp dir; tokenizer training and encoding timed apart."""
+"""Benchmark: prepare the embedded corpus (42 plays) into a temp dir; tokenizer training and encoding timed apart (the
+tokenizer's own `encode_batch` and the preparation's encoder side by side). bench/bench_prepare_scale.py measures
+preparation at scale: workers, streaming, parts."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pascal_dist.data.prepare import ENCODE_BATCH, build_tokenizer, clean, load_source, prepare  # noqa: E402
+from pascal_dist.data.encode import Encoder  # noqa: E402
+from pascal_dist.data.prepare import build_tokenizer, clean, load_source, prepare  # noqa: E402
+from pascal_dist.data.sources import READ_BATCH  # noqa: E402
 
 
 def main() -> None:
@@ -28,10 +32,16 @@ def main() -> None:
 
     t0 = time.perf_counter()
     tokens = 0
-    for i in range(0, len(docs), ENCODE_BATCH):
-        encs = tok.encode_batch(docs[i : i + ENCODE_BATCH], add_special_tokens=False)
+    for i in range(0, len(docs), READ_BATCH):
+        encs = tok.encode_batch(docs[i : i + READ_BATCH], add_special_tokens=False)
         tokens += len(np.fromiter(itertools.chain.from_iterable(e.ids + [2] for e in encs), dtype=np.uint16))
     t_encode = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    encoder = Encoder(tok.to_str())
+    fast_tokens = sum(len(encoder(docs[i : i + READ_BATCH])[0]) for i in range(0, len(docs), READ_BATCH))
+    t_fast = time.perf_counter() - t0
+    assert fast_tokens == tokens
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -46,7 +56,12 @@ def main() -> None:
     print(f"| load + clean (datasets `text` builder, cached) | {t_load:.2f} | |")
     print(f"| BPE training (vocab 8192) | {t_train:.2f} | {tokens / t_train / 1e6:.2f} M |")
     print(
-        f"| encoding (`encode_batch`, {ENCODE_BATCH} docs/batch) | {t_encode:.2f} | {tokens / t_encode / 1e6:.2f} M |"
+        f"| encoding (`encode_batch`, {READ_BATCH} docs/batch, all cores) | {t_encode:.2f} | "
+        f"{tokens / t_encode / 1e6:.2f} M |"
+    )
+    print(
+        f"| encoding (the preparation's encoder, chunk-by-chunk fast path, 1 core) | {t_fast:.2f} | "
+        f"{tokens / t_fast / 1e6:.2f} M |"
     )
     print(
         f"| whole `prepare()` (load, split, train, encode, write shards) | {t_prepare:.2f} | "

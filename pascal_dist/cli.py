@@ -20,7 +20,7 @@ EXIT_USAGE = 2  # bad input: the error line says which file, key or value
 
 # --- prepare -------------------------------------------------------------------------------------------------
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    from pascal_dist.data.prepare import EMBEDDED, SAMPLE_BY
+    from pascal_dist.data.prepare import DEFAULT_TOKENIZER_SAMPLE, EMBEDDED, SAMPLE_BY
 
     p = sub.add_parser(
         "prepare",
@@ -44,8 +44,40 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--min-frequency", type=int, default=2)
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of training one")
+    p.add_argument(
+        "--tokenizer-sample",
+        metavar="DOCS",
+        default=None,
+        help=f"train the tokenizer on the first DOCS train documents, or 'all' (default {DEFAULT_TOKENIZER_SAMPLE:,})",
+    )
     p.add_argument("--shard-tokens", type=int, default=100_000_000)
     p.add_argument("--sample-by", choices=SAMPLE_BY, default="paragraph", help="document unit of .txt files")
+    p.add_argument(
+        "--workers",
+        metavar="N",
+        default=None,
+        help="processes that clean and encode, one core each (default: every CPU this process may use); the "
+        "output does not depend on it",
+    )
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        help="read the source as it is encoded, without converting it to datasets' cache (corpora too large for it)",
+    )
+    p.add_argument(
+        "--part",
+        metavar="I/N",
+        default=None,
+        help="prepare only the I-th of N contiguous pieces of the source (I from 0), for --merge",
+    )
+    p.add_argument(
+        "--merge",
+        metavar="PART_DIR",
+        nargs="+",
+        default=None,
+        help="instead of preparing: merge the directories of parts 0..N-1 into --out, byte-identical to a "
+        "single-process preparation",
+    )
     p.add_argument(
         "--verify",
         metavar="DIR",
@@ -56,10 +88,29 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=prepare_command)
 
 
+# What --merge takes from the parts' manifests rather than from flags.
+_PREPARATION_FLAGS = (
+    "source", "config", "split", "text_column", "files", "val_fraction", "vocab_size", "min_frequency", "tokenizer",
+    "tokenizer_sample", "shard_tokens", "sample_by", "streaming", "part",
+)  # fmt: skip
+
+
+def _count(flag: str, value: str | None, words: tuple[str, ...] = ()) -> int | str | None:
+    """A flag's positive count (or one of `words`); None stays None."""
+    if value is None or value in words:
+        return value
+    try:
+        if (n := int(value)) >= 1:
+            return n
+    except ValueError:
+        pass
+    alternatives = "".join(f" or '{w}'" for w in words)
+    raise UsageError(f"{flag} {value}: expected a whole number >= 1{alternatives}")
+
+
 def prepare_command(a: argparse.Namespace) -> int:
     import time
 
-    from pascal_dist.data.prepare import prepare
     from pascal_dist.data.shards import verify_data_dir
 
     if a.verify is not None:
@@ -71,6 +122,21 @@ def prepare_command(a: argparse.Namespace) -> int:
             f"manifest ({totals['bytes'] / 1e9:.3f} GB in {seconds:.2f} s)"
         )
         return 0
+
+    workers = _count("--workers", a.workers)
+    # datasets imports torch (2-3 s) whenever it builds a streamed dataset, if torch is installed; preparation never
+    # uses it. Read when datasets is first imported, which in this command comes later.
+    os.environ.setdefault("USE_TORCH", "0")
+    if a.merge is not None:
+        defaults = vars(parser().parse_args(["prepare"]))
+        if given := [f"--{k.replace('_', '-')}" for k in _PREPARATION_FLAGS if getattr(a, k) != defaults[k]]:
+            raise UsageError(f"--merge takes the settings from the parts' manifests; drop {' '.join(given)}")
+        from pascal_dist.data.merge import merge_parts
+
+        merge_parts(a.merge, a.out)
+        return 0
+
+    from pascal_dist.data.prepare import prepare
 
     prepare(
         a.out,
@@ -85,6 +151,10 @@ def prepare_command(a: argparse.Namespace) -> int:
         tokenizer=a.tokenizer,
         shard_tokens=a.shard_tokens,
         sample_by=a.sample_by,
+        tokenizer_sample=_count("--tokenizer-sample", a.tokenizer_sample, ("all",)),
+        workers=workers,
+        streaming=a.streaming,
+        part=a.part,
     )
     return 0
 

