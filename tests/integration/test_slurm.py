@@ -23,27 +23,17 @@ import time
 import pytest
 
 from tests.helpers import REPO, read_scalars
+from tests.helpers import TINY as HELPERS_TINY
 from tests.integration.slurm_cluster import slurm_cluster, unavailable  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.slow
 
-# As tests/helpers.py's TINY: a 0.13M-parameter model on the vocab-512 `tiny_data`.
+# tests/helpers.py's TINY (a 0.13M-parameter model on the vocab-512 `tiny_data`) without the step, evaluation and
+# checkpoint counts: each test sets its own
 TINY = [
-    "model.vocab_size=512",
-    "model.block_size=32",
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.n_embd=64",
-    "model.dropout=0.0",
-    "model.attn_dropout=0.0",
-    "model.bias.warmup_steps=8",
-    "train.micro_batch_size=4",
-    "train.grad_accum=2",
-    "train.lr=3e-3",
-    "train.warmup_steps=2",
-    "train.decay_steps=12",
-    "logging.log_interval=1",
-    "checkpoint.keep_last=2",
+    o
+    for o in HELPERS_TINY
+    if not o.startswith(("train.max_steps", "train.eval_interval", "train.eval_batches", "checkpoint.interval"))
 ]
 # Two nodes, one task each, one CPU per task; --time well above the scripts' --signal=USR1@300 lead time
 # (with less, Slurm would signal the job as soon as it starts).
