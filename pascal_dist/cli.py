@@ -378,6 +378,11 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
         help="comma-separated bias.warmup_steps values (Pascal bias) instead of the backend arms; the first is the "
         "baseline",
     )
+    p.add_argument(
+        "--arms",
+        default="pascal,learned,none",
+        help="comma-separated backend arms to train, of pascal, learned and none (the baseline, always needed)",
+    )
     p.add_argument("--time-limit", type=float, default=0.0, help="wall-clock budget per run in s (0 = steps only)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides applied to every run")
     p.set_defaults(run=ablate_command)
@@ -393,6 +398,17 @@ def _integers(flag: str, text: str) -> list[int]:
     return values
 
 
+def _backend_arms(text: str, known: list) -> list:
+    """The arms named in `text` (in the standard order), each known and the baseline `none` among them."""
+    names = text.split(",")
+    if not set(names) <= {arm.name for arm in known} or "none" not in names or len(set(names)) != len(names):
+        raise UsageError(
+            f"--arms {text!r}: expected distinct names of {', '.join(arm.name for arm in known)}, "
+            "with none (the baseline) among them"
+        )
+    return [arm for arm in known if arm.name in names]
+
+
 def ablate_command(a: argparse.Namespace) -> int:
     from pascal_dist.config import ConfigError
     from pascal_dist.eval.ablation import ablate, backend_arms, warmup_arms
@@ -405,7 +421,7 @@ def ablate_command(a: argparse.Namespace) -> int:
         arms = warmup_arms(_integers("--sweep-warmup", a.sweep_warmup))
         baseline = arms[0].name
     else:
-        arms, baseline = backend_arms(), "none"
+        arms, baseline = _backend_arms(a.arms, backend_arms()), "none"
     md = ablate(a.out, a.config, a.ds_config, arms, seeds, a.nprocs, a.overrides, a.time_limit, baseline)
     print(f"{md}\n\nwritten {a.out}/summary.json, ablation.md, ablation.png; compare: tensorboard --logdir {a.out}")
     return 0

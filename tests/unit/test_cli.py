@@ -96,6 +96,7 @@ BAD_INPUT = {
     "generate": (["generate", "{tmp}", "--top-p", "2"], r"--top-p 2.0: expected"),
     "export": (["export", "{tmp}", "{tmp}/out"], r"is not a pascal-dist checkpoint"),
     "ablate": (["ablate", "--config", "{tmp}/nope.yaml"], r"--config .*nope.yaml: file not found"),
+    "ablate without its baseline arm": (["ablate", "--arms", "pascal,learned"], r"--arms 'pascal,learned': expected"),
     "a flag it does not know": (["export", "--frob", "a", "b"], r"unrecognized arguments: --frob"),
 }
 

@@ -28,6 +28,13 @@ def test_arms_differ_only_in_their_setting():
     ]
 
 
+def test_arms_option_picks_a_subset_in_the_standard_order():
+    assert [a.name for a in cli._backend_arms("none,pascal", backend_arms())] == ["pascal", "none"]
+    for bad in ("pascal,learned", "none,none", "pascal,none,extra"):
+        with pytest.raises(cli.UsageError, match="--arms"):
+            cli._backend_arms(bad, backend_arms())
+
+
 def test_paired_interval_against_a_hand_computed_example():
     """Differences -0.10, -0.20, -0.05: mean -0.116667, sd sqrt(0.0116667 / 2) = 0.0763763, standard error
     0.0763763 / sqrt(3) = 0.0440959; t(0.975, 2 dof) = 4.302653 from the tables, half width 0.189729."""
