@@ -1,12 +1,9 @@
-"""Worker processes of a preparation: batches shared between this process and N-1 spawned ones, results back in
-submission order, with a bounded number in flight; and the tokenizers library's own threads, pinned so that N
-workers use N cores.
+"""Worker processes of a preparation: batches out to N processes, results back in submission order, with a bounded
+number in flight; and the tokenizers library's own threads, pinned so that N workers use N cores.
 
-The calling process reads the source and writes the shards, and encodes a batch itself whenever the spawned workers
-have enough queued: N workers are N processes, so on N cores none waits for a core while another reads or writes.
-The workers clean, hash, route and encode. Results come back in order, so the output does not depend on the number
-of workers. Workers are spawned, not forked: the calling process already runs the tokenizers library's and Arrow's
-thread pools, which a fork would copy mid-flight.
+The calling process reads the source and writes the shards; the workers clean, hash, route and encode. Results come
+back in order, so the output does not depend on the number of workers. Workers are spawned, not forked: the calling
+process already runs the tokenizers library's and Arrow's thread pools, which a fork would copy mid-flight.
 """
 
 from __future__ import annotations
@@ -17,16 +14,13 @@ import multiprocessing
 import os
 import sys
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
 INLINE_BATCHES = 100  # batches done here before workers start (about their start-up time): small corpora skip it
 IN_FLIGHT = 4  # batches queued per worker: keeps each one busy while bounding memory to a few batches
-# Finished batches held here behind an unfinished one: enough for this process to keep encoding while a spawned
-# worker starts (about 0.3 s, some 40 batches), a few MB.
-HELD_BATCHES = 64
 
 
 def default_workers() -> int:
@@ -80,9 +74,9 @@ def ordered_map(
     function: Callable[..., Any], tasks: Iterable[tuple], workers: int, inline: int | None = None
 ) -> Iterator[Any]:
     """function(*task) for every task, in order. With workers > 1, the first `inline` tasks (INLINE_BATCHES unless
-    given) run here; then `workers - 1` spawned processes, each holding its own copy of `function` (pickled once),
-    get tasks while fewer than IN_FLIGHT each are queued, and this process runs the task itself when they are full.
-    A worker's exception is raised here, and leaving early cancels what is queued."""
+    given) run here and the rest in `workers` spawned processes, each holding its own copy of `function` (pickled
+    once) and at most IN_FLIGHT tasks queued; a worker's exception is raised here, and leaving early cancels what is
+    queued."""
     tasks = iter(tasks)
     for task in itertools.islice(tasks, None if workers == 1 else INLINE_BATCHES if inline is None else inline):
         yield function(*task)
@@ -90,26 +84,14 @@ def ordered_map(
     if first is None:
         return
     # tqdm.write: a line of its own even while a progress bar is drawn
-    tqdm.write(
-        f"[prepare] {workers} worker processes, this one and {workers - 1} spawned "
-        "(tokenizers pinned to 1 thread each)",
-        file=sys.stderr,
-    )
+    tqdm.write(f"[prepare] {workers} worker processes (tokenizers pinned to 1 thread each)", file=sys.stderr)
     context = multiprocessing.get_context("spawn")
-    queued_limit = IN_FLIGHT * (workers - 1)
-    with ProcessPoolExecutor(workers - 1, mp_context=context, initializer=_start_worker, initargs=(function,)) as pool:
-        pending: deque[Future] = deque()  # in task order: the workers' futures and this process's finished ones
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(function,)) as pool:
+        pending = deque([pool.submit(_call, first)])
         try:
-            for task in itertools.chain([first], tasks):
-                if sum(not f.done() for f in pending) < queued_limit:
-                    pending.append(pool.submit(_call, task))
-                else:  # the workers have enough to do: this process takes the task
-                    done: Future = Future()
-                    done.set_result(function(*task))
-                    pending.append(done)
-                while pending and pending[0].done():  # hand on what is ready; raises a worker's exception
-                    yield pending.popleft().result()
-                if len(pending) >= queued_limit + HELD_BATCHES:  # bounds memory behind a slow head
+            for task in tasks:
+                pending.append(pool.submit(_call, task))
+                if len(pending) >= IN_FLIGHT * workers:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
