@@ -1,7 +1,8 @@
 """Worker processes of a preparation: batches out to N processes, results back in submission order, with a bounded
 number in flight; and the tokenizers library's own threads, pinned so that N workers use N cores.
 
-The calling process reads the source and writes the shards; the workers clean, hash, route and encode. Results come
+The calling process writes the shards; the workers clean, hash, route and encode, and read their batches' rows
+themselves where the source is materialised (a streamed one is read by the calling process). Results come
 back in order, so the output does not depend on the number of workers. Workers are spawned, not forked: the calling
 process already runs the tokenizers library's and Arrow's thread pools, which a fork would copy mid-flight.
 """
@@ -9,13 +10,17 @@ process already runs the tokenizers library's and Arrow's thread pools, which a 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
 import multiprocessing
 import os
+import pickle
+import shutil
 import sys
+import tempfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -57,44 +62,84 @@ def tokenizer_threads(workers: int) -> Iterator[None]:
                 os.environ[key] = value
 
 
-_function: Callable[..., Any] | None = None  # a worker's copy of the function it applies
+_functions: dict[str, Callable[..., Any]] = {}  # a worker's copies of the functions it applies, by file
 
 
-def _start_worker(function: Callable[..., Any]) -> None:
-    global _function
+def _start_worker(modules: Sequence[str]) -> None:
     pin_tokenizer_threads()
-    _function = function
+    for module in modules:  # imported now, while the caller works, rather than on the first task
+        importlib.import_module(module)
 
 
-def _call(task: tuple) -> Any:
-    return _function(*task)
+def _ready() -> None:
+    """A task that only makes a worker exist."""
 
 
-def ordered_map(
-    function: Callable[..., Any], tasks: Iterable[tuple], workers: int, inline: int | None = None
-) -> Iterator[Any]:
-    """function(*task) for every task, in order. With workers > 1, the first `inline` tasks (INLINE_BATCHES unless
-    given) run here and the rest in `workers` spawned processes, each holding its own copy of `function` (pickled
-    once) and at most IN_FLIGHT tasks queued; a worker's exception is raised here, and leaving early cancels what is
-    queued."""
-    tasks = iter(tasks)
-    for task in itertools.islice(tasks, None if workers == 1 else INLINE_BATCHES if inline is None else inline):
-        yield function(*task)
-    first = next(tasks, None)
-    if first is None:
-        return
-    # tqdm.write: a line of its own even while a progress bar is drawn
-    tqdm.write(f"[prepare] {workers} worker processes (tokenizers pinned to 1 thread each)", file=sys.stderr)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(function,)) as pool:
-        pending = deque([pool.submit(_call, first)])
+def _call(path: str, task: tuple) -> Any:
+    function = _functions.get(path)
+    if function is None:  # the first task of this function in this worker
+        with open(path, "rb") as f:
+            function = _functions[path] = pickle.load(f)
+    return function(*task)
+
+
+class WorkerPool:
+    """`workers` spawned processes, started when the pool is made, so that their start-up overlaps the caller's own
+    work (a preparation makes it before training the tokenizer, which the functions it runs need). Each function
+    given to `map` is pickled once, to a file every worker loads on its first task of it; `preload` names modules
+    the workers import as they start (datasets, to read rows, takes about half a second)."""
+
+    def __init__(self, workers: int, preload: Sequence[str] = ()) -> None:
+        # tqdm.write: a line of its own even while a progress bar is drawn
+        tqdm.write(f"[prepare] {workers} worker processes (tokenizers pinned to 1 thread each)", file=sys.stderr)
+        self.workers = workers
+        self._dir = tempfile.mkdtemp(prefix="pascal-dist-workers-")
+        context = multiprocessing.get_context("spawn")
+        self._pool = ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_start_worker, initargs=(tuple(preload),)
+        )
+        for _ in range(workers):  # a spawning pool starts a process for each task submitted while none is idle
+            self._pool.submit(_ready)
+
+    def map(self, function: Callable[..., Any], tasks: Iterable[tuple]) -> Iterator[Any]:
+        """function(*task) for every task, in order, at most IN_FLIGHT tasks queued per worker; a worker's exception
+        is raised here, and leaving early cancels what is queued."""
+        fd, path = tempfile.mkstemp(suffix=".pkl", dir=self._dir)
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(function, f, protocol=pickle.HIGHEST_PROTOCOL)
+        pending: deque = deque()
         try:
             for task in tasks:
-                pending.append(pool.submit(_call, task))
-                if len(pending) >= IN_FLIGHT * workers:
+                pending.append(self._pool.submit(_call, path, task))
+                if len(pending) >= IN_FLIGHT * self.workers:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
         finally:
             for future in pending:
                 future.cancel()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def ordered_map(
+    function: Callable[..., Any], tasks: Iterable[tuple], workers: int, inline: int | None = None
+) -> Iterator[Any]:
+    """function(*task) for every task, in order. With workers > 1, the first `inline` tasks (INLINE_BATCHES unless
+    given) run here and the rest in a WorkerPool of `workers`, started when they are reached."""
+    tasks = iter(tasks)
+    for task in itertools.islice(tasks, None if workers == 1 else INLINE_BATCHES if inline is None else inline):
+        yield function(*task)
+    first = next(tasks, None)
+    if first is None:
+        return
+    with WorkerPool(workers) as pool:
+        yield from pool.map(function, itertools.chain([first], tasks))

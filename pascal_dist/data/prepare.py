@@ -9,6 +9,7 @@ written to a sibling temporary directory and renamed into place, so it exists on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from pascal_dist.data import parallel, sources
 from pascal_dist.data.encode import MIN_CHARS, Pipeline, clean, doc_hash, documents, is_val
-from pascal_dist.data.parallel import default_workers, ordered_map, tokenizer_threads
+from pascal_dist.data.parallel import WorkerPool, default_workers, ordered_map, tokenizer_threads
 from pascal_dist.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -41,6 +42,7 @@ from pascal_dist.data.sources import (
     EMBEDDED,
     EVAL_SPLITS,
     SAMPLE_BY,
+    RowBatches,
     check_column,
     embedded_files,
     load_source,
@@ -124,6 +126,16 @@ class SplitWriter:
             self.entries.append(self._shard.close())
             self._shard = None
         return self.entries
+
+
+class _OnRows:
+    """The pipeline on rows [start, stop) of plan entry i, read in the process that runs it."""
+
+    def __init__(self, pipeline: Pipeline, rows: dict[int, RowBatches]) -> None:
+        self.pipeline, self.rows = pipeline, rows
+
+    def __call__(self, entry: int, start: int, stop: int) -> tuple[dict[str, tuple[np.ndarray, int, int]], int]:
+        return self.pipeline(entry, self.rows[entry](start, stop))
 
 
 def parse_part(part: str | None) -> tuple[int, int] | None:
@@ -307,12 +319,6 @@ def prepare(
 def _write_all(tmp: Path, splits: dict[str, Any], settings: dict[str, Any], workers: int) -> dict[str, Any]:
     """Tokenize every split (or this part of them) into `tmp`; returns the manifest's splits, documents, words and
     tokenizer."""
-    source, column, val_fraction = settings["source"] or "--files", settings["text_column"], settings["val_fraction"]
-    tokenizer, sample = settings["tokenizer"], settings["tokenizer_sample"]
-
-    def docs(name: str, ds: Any) -> Iterator[tuple[str, bytes]]:
-        return (d for texts in text_batches(ds, column, source, name) for d in documents(texts))
-
     # Source eval splits go first and each one's documents are withheld from every later split (train last),
     # so no text lands in two splits. withheld[i] = hashes of the eval splits before plan[i]. Every part reads the
     # eval splits whole for this (they are small); part 0 writes them.
@@ -324,6 +330,32 @@ def _write_all(tmp: Path, splits: dict[str, Any], settings: dict[str, Any], work
         for i, (name, ds) in enumerate(plan)
         if name == "train" or index == 0
     ]
+    # A materialised source knows its size: a large one gets its workers now, so that they start while the
+    # tokenizer trains, and each reads its own batches' rows. A streamed or small one is read here (a streamed one's
+    # first batches done here while workers would start; a small one never pays for them).
+    rows = sum(len(ds) for _, _, ds in todo) if all(hasattr(ds, "__len__") for _, _, ds in todo) else None
+    early = workers > 1 and rows is not None and rows > parallel.INLINE_BATCHES * sources.READ_BATCH
+    preload = ("datasets", "pascal_dist.data.encode")
+    with WorkerPool(workers, preload) if early else contextlib.nullcontext() as pool:
+        return _tokenize(tmp, plan, todo, settings, workers, pool)
+
+
+def _tokenize(
+    tmp: Path,
+    plan: list[tuple[str, Any]],
+    todo: list[tuple[int, str, Any]],
+    settings: dict[str, Any],
+    workers: int,
+    pool: WorkerPool | None,
+) -> dict[str, Any]:
+    """_write_all's work: the withheld hashes, the tokenizer, and every batch encoded (in `pool` if given, each worker
+    reading its batches' rows, else by ordered_map) and written in order."""
+    source, column, val_fraction = settings["source"] or "--files", settings["text_column"], settings["val_fraction"]
+    tokenizer, sample = settings["tokenizer"], settings["tokenizer_sample"]
+
+    def docs(name: str, ds: Any) -> Iterator[tuple[str, bytes]]:
+        return (d for texts in text_batches(ds, column, source, name) for d in documents(texts))
+
     withheld: list[frozenset[bytes]] = [frozenset()]
     for name, ds in plan[:-1]:
         withheld.append(withheld[-1] | {digest for _, digest in docs(name, ds)})
@@ -346,16 +378,18 @@ def _write_all(tmp: Path, splits: dict[str, Any], settings: dict[str, Any], work
         for _, name, _ in todo
         for dest in (["train", "val"] if name == "train" else [name])
     }
-    tasks = ((i, texts) for i, name, ds in todo for texts in text_batches(ds, column, source, name))
     pipeline = Pipeline(tok.to_str(), val_fraction, [(name, w) for (name, _), w in zip(plan, withheld)])
     words: dict[str, int] = {}  # whitespace words of the raw documents: the per-word perplexity denominator
     overlap = 0
     bar = tqdm(desc="encoding", unit="tok", unit_scale=True, file=sys.stderr)
-    # A materialised source knows its size: a large one goes to the workers from the first batch (a streamed one
-    # does its first batches here while they would start).
-    rows = sum(len(ds) for _, _, ds in todo) if all(hasattr(ds, "__len__") for _, _, ds in todo) else None
-    inline = 0 if rows is not None and rows > parallel.INLINE_BATCHES * sources.READ_BATCH else None
-    for routed, dropped in ordered_map(pipeline, tasks, workers, inline):
+    if pool is None:
+        tasks = ((i, texts) for i, name, ds in todo for texts in text_batches(ds, column, source, name))
+        results = ordered_map(pipeline, tasks, workers)
+    else:
+        rows = {i: RowBatches(ds, column) for i, _, ds in todo}
+        ranges = ((i, start, stop) for i, batches in rows.items() for start, stop in batches.ranges())
+        results = pool.map(_OnRows(pipeline, rows), ranges)
+    for routed, dropped in results:
         overlap += dropped
         for dest, (ids, n_docs, n_words) in routed.items():
             writers[dest].write(ids, n_docs)

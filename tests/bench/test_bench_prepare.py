@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_bench_prepare_scale_tables_and_identical_outputs():
     proc = subprocess.run(
-        [sys.executable, "bench/bench_prepare_scale.py", "--tokens", "1", "--plays", "2"],
+        [sys.executable, "bench/bench_prepare_scale.py", "--tokens", "1", "--plays", "2", "--repeat", "2"],
         cwd=REPO,
         env=dict(os.environ, PYTHONPATH=REPO),
         capture_output=True,

@@ -4,12 +4,13 @@ library pinned to one thread per worker, and a preparation with 2 workers byte-i
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from pascal_dist.data import parallel, prepare, sources
-from pascal_dist.data.parallel import ordered_map, tokenizer_threads
+from pascal_dist.data.parallel import WorkerPool, ordered_map, tokenizer_threads
 from tests.unit.data.test_merge import assert_same_files
 from tests.unit.data.test_prepare import VOCAB, jsonl  # noqa: F401  (a fixture)
 
@@ -34,6 +35,20 @@ def test_workers_pin_the_tokenizers_threads(monkeypatch: pytest.MonkeyPatch) -> 
     assert os.environ.get("TOKENIZERS_PARALLELISM") is None and os.environ["RAYON_NUM_THREADS"] == "7"
 
 
+def _imported(name: str) -> bool:
+    return name in sys.modules
+
+
+def test_pool_starts_its_workers_at_once_preloads_modules_and_runs_several_functions() -> None:
+    with WorkerPool(2, preload=("colorsys",)) as pool:
+        directory = pool._dir
+        assert len(pool._pool._processes) == 2  # started when made, before any function is given
+        assert set(pool.map(_imported, [("colorsys",)] * 8)) == {True}
+        assert list(pool.map(pow, [(i, 3) for i in range(20)])) == [i**3 for i in range(20)]
+        assert len(os.listdir(directory)) == 2  # each function pickled once, not once per task
+    assert not os.path.exists(directory)
+
+
 def test_two_workers_write_the_bytes_one_writes(jsonl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd) -> None:  # noqa: F811
     # Small batches, none in this process: 2 workers encode ~10 batches of the 600 documents between them.
     monkeypatch.setattr(sources, "READ_BATCH", 64)
@@ -44,3 +59,6 @@ def test_two_workers_write_the_bytes_one_writes(jsonl, tmp_path: Path, monkeypat
     prepare(tmp_path / "two", workers=2, **kw)
     assert "[prepare] 2 worker processes" in capfd.readouterr().err
     assert_same_files(tmp_path / "one", tmp_path / "two")
+    prepare(tmp_path / "streamed", workers=2, streaming=True, **kw)  # rows read here and sent to the workers
+    for shard in sorted((tmp_path / "one").glob("*.bin")) + [tmp_path / "one" / "tokenizer.json"]:
+        assert shard.read_bytes() == (tmp_path / "streamed" / shard.name).read_bytes(), shard.name

@@ -71,3 +71,17 @@ def test_directories_from_before_the_sample_setting_are_still_recognised(jsonl, 
         prepare(out, tokenizer_sample=n - 1, **kw)
     prepare(out, tokenizer_sample=n, **kw)
     assert "already prepared" in capsys.readouterr().out
+
+
+def test_row_batches_read_by_range_what_text_batches_read_in_order(jsonl, monkeypatch) -> None:  # noqa: F811
+    import pickle
+
+    from pascal_dist.data import sources
+
+    monkeypatch.setattr(sources, "READ_BATCH", 64)  # 10 batches of the 600 rows, the last one short
+    splits, _ = sources.load_source("files", None, [str(jsonl[0])], "paragraph")
+    rows = pickle.loads(pickle.dumps(sources.RowBatches(splits["train"], "text")))  # as a worker process gets it
+    assert len(pickle.dumps(rows)) < 10_000  # a reference to the cache, not the rows
+    by_range = [rows(start, stop) for start, stop in rows.ranges()]
+    assert len(by_range) == 10
+    assert by_range == list(sources.text_batches(splits["train"], "text", "files", "train"))
