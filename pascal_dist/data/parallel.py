@@ -90,9 +90,7 @@ class WorkerPool:
     the workers import as they start (datasets, to read rows, takes about half a second)."""
 
     def __init__(self, workers: int, preload: Sequence[str] = ()) -> None:
-        # tqdm.write: a line of its own even while a progress bar is drawn
-        tqdm.write(f"[prepare] {workers} worker processes (tokenizers pinned to 1 thread each)", file=sys.stderr)
-        self.workers = workers
+        self.workers, self._said = workers, False
         self._dir = tempfile.mkdtemp(prefix="pascal-dist-workers-")
         context = multiprocessing.get_context("spawn")
         self._pool = ProcessPoolExecutor(
@@ -104,6 +102,11 @@ class WorkerPool:
     def map(self, function: Callable[..., Any], tasks: Iterable[tuple]) -> Iterator[Any]:
         """function(*task) for every task, in order, at most IN_FLIGHT tasks queued per worker; a worker's exception
         is raised here, and leaving early cancels what is queued."""
+        if not self._said:  # said when used, not when started: bad input found meanwhile is the only line printed
+            # tqdm.write: a line of its own even while a progress bar is drawn
+            said = f"[prepare] {self.workers} worker processes (tokenizers pinned to 1 thread each)"
+            tqdm.write(said, file=sys.stderr)
+            self._said = True
         fd, path = tempfile.mkstemp(suffix=".pkl", dir=self._dir)
         with os.fdopen(fd, "wb") as f:
             pickle.dump(function, f, protocol=pickle.HIGHEST_PROTOCOL)

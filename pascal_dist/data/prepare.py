@@ -66,6 +66,7 @@ __all__ = [
 ]
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[EOS]"]
+PRELOAD = ("datasets", "pascal_dist.data.encode")  # what a worker process imports as it starts
 # The tokenizer is trained on the first this many train documents, not the whole corpus: a vocabulary of 8192 is
 # settled long before (this is millions of tokens), and training runs in one process before the workers start (about
 # 2 s on one core for 50,000 paragraphs of the plays). Corpora of fewer train documents (the embedded plays: 21,684)
@@ -290,24 +291,28 @@ def prepare(
     existing = check_existing(out, settings)
 
     workers = workers or default_workers()
-    splits, desc = load_source(source, config, files, sample_by, streaming, workers)
-    if existing is not None and already_prepared(out, existing, desc, settings):
-        return existing
-    if split not in splits:
-        raise DataError(f"source {source!r} has no split {split!r}; available: {sorted(splits)}")
-    for name in [split, *(n for n in EVAL_SPLITS if n in splits)]:
-        check_column(splits[name], text_column, source, name)
+    # A large local materialised source gets its worker processes first: they start (interpreter and imports, about a
+    # second of CPU each) while this process imports datasets and loads the source, not while it trains the tokenizer.
+    early = workers > 1 and not streaming and sources.is_large_local(source, config, files)
+    with WorkerPool(workers, PRELOAD) if early else contextlib.nullcontext() as pool:
+        splits, desc = load_source(source, config, files, sample_by, streaming, workers)
+        if existing is not None and already_prepared(out, existing, desc, settings):
+            return existing
+        if split not in splits:
+            raise DataError(f"source {source!r} has no split {split!r}; available: {sorted(splits)}")
+        for name in [split, *(n for n in EVAL_SPLITS if n in splits)]:
+            check_column(splits[name], text_column, source, name)
 
-    def build(tmp: Path) -> dict[str, Any]:
-        manifest = _write_all(tmp, splits, settings, workers)
-        manifest.update(
-            format_version=FORMAT_VERSION, source=desc, settings=settings, fingerprint=fingerprint(desc, settings)
-        )
-        write_manifest(tmp, manifest)
-        return manifest
+        def build(tmp: Path) -> dict[str, Any]:
+            manifest = _write_all(tmp, splits, settings, workers, pool)
+            manifest.update(
+                format_version=FORMAT_VERSION, source=desc, settings=settings, fingerprint=fingerprint(desc, settings)
+            )
+            write_manifest(tmp, manifest)
+            return manifest
 
-    with tokenizer_threads(workers):
-        manifest = build_atomically(out, build)
+        with tokenizer_threads(workers):
+            manifest = build_atomically(out, build)
     vocab = manifest["tokenizer"]["vocab_size"]
     short = not tokenizer and vocab != vocab_size
     note = f" (the corpus supports only {vocab} of the {vocab_size} requested)" if short else ""
@@ -316,9 +321,11 @@ def prepare(
     return manifest
 
 
-def _write_all(tmp: Path, splits: dict[str, Any], settings: dict[str, Any], workers: int) -> dict[str, Any]:
-    """Tokenize every split (or this part of them) into `tmp`; returns the manifest's splits, documents, words and
-    tokenizer."""
+def _write_all(
+    tmp: Path, splits: dict[str, Any], settings: dict[str, Any], workers: int, pool: WorkerPool | None
+) -> dict[str, Any]:
+    """Tokenize every split (or this part of them) into `tmp`, in `pool` if the source is materialised and large
+    (a pool is started here if none was given); returns the manifest's splits, documents, words and tokenizer."""
     # Source eval splits go first and each one's documents are withheld from every later split (train last),
     # so no text lands in two splits. withheld[i] = hashes of the eval splits before plan[i]. Every part reads the
     # eval splits whole for this (they are small); part 0 writes them.
@@ -330,14 +337,15 @@ def _write_all(tmp: Path, splits: dict[str, Any], settings: dict[str, Any], work
         for i, (name, ds) in enumerate(plan)
         if name == "train" or index == 0
     ]
-    # A materialised source knows its size: a large one gets its workers now, so that they start while the
-    # tokenizer trains, and each reads its own batches' rows. A streamed or small one is read here (a streamed one's
-    # first batches done here while workers would start; a small one never pays for them).
+    # A materialised source knows its size: a large one goes to the workers, each reading its own batches' rows. A
+    # streamed or small one is read here (a streamed one's first batches done here while workers would start; a
+    # small one never pays for them).
     rows = sum(len(ds) for _, _, ds in todo) if all(hasattr(ds, "__len__") for _, _, ds in todo) else None
-    early = workers > 1 and rows is not None and rows > parallel.INLINE_BATCHES * sources.READ_BATCH
-    preload = ("datasets", "pascal_dist.data.encode")
-    with WorkerPool(workers, preload) if early else contextlib.nullcontext() as pool:
-        return _tokenize(tmp, plan, todo, settings, workers, pool)
+    large = workers > 1 and rows is not None and rows > parallel.INLINE_BATCHES * sources.READ_BATCH
+    with contextlib.ExitStack() as stack:
+        if large and pool is None:
+            pool = stack.enter_context(WorkerPool(workers, PRELOAD))
+        return _tokenize(tmp, plan, todo, settings, workers, pool if large else None)
 
 
 def _tokenize(

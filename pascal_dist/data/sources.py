@@ -74,8 +74,10 @@ def load_source(
     if streaming:
         args["streaming"] = True
         desc["streaming"] = True  # absent when materialised, so those descriptions read as they always have
-    elif workers > 1 and _worth_converting_in_parallel(desc, args):
-        args["num_proc"] = workers
+    elif workers > 1:  # datasets converts whole files, one per process: a hub source has many
+        paths = local_files(source, config, files)
+        if paths is None or (len(paths) > 1 and is_large_local(source, config, files)):
+            args["num_proc"] = workers
     try:
         loaded = datasets.load_dataset(name, **args)
     except Exception as e:  # noqa: BLE001 - any load failure becomes one actionable line
@@ -95,15 +97,19 @@ def load_source(
     return splits, desc
 
 
-def _worth_converting_in_parallel(desc: dict[str, Any], args: dict[str, Any]) -> bool:
-    """Whether a materialised source is large enough for several converting processes (a hub source: always)."""
-    if desc["kind"] == "hub":
-        return True
-    if desc["kind"] == "local_dir":
-        paths = [p for p in (Path(desc["name"]) / (desc["config"] or "")).rglob("*") if p.is_file()]
-    else:
-        paths = [Path(p) for p in args["data_files"]]
-    return len(paths) > 1 and sum(p.stat().st_size for p in paths) >= PARALLEL_CONVERSION_BYTES
+def local_files(source: str, config: str | None, files: Sequence[str] | None) -> list[Path] | None:
+    """The files of a local source (None for a hub source)."""
+    if files or source == EMBEDDED:
+        return [Path(p) for p in (files or embedded_files())]
+    if Path(source).is_dir():
+        return [p for p in (Path(source) / (config or "")).rglob("*") if p.is_file()]
+    return None
+
+
+def is_large_local(source: str, config: str | None, files: Sequence[str] | None) -> bool:
+    """Whether a local source's files are worth several processes from the start (PARALLEL_CONVERSION_BYTES)."""
+    paths = local_files(source, config, files)
+    return paths is not None and sum(p.stat().st_size for p in paths) >= PARALLEL_CONVERSION_BYTES
 
 
 def check_column(ds: Any, column: str, source: str, split: str) -> None:

@@ -56,9 +56,13 @@ def test_two_workers_write_the_bytes_one_writes(jsonl, tmp_path: Path, monkeypat
     kw = dict(files=[str(jsonl[0])], vocab_size=VOCAB, val_fraction=0.2, shard_tokens=9000)
     prepare(tmp_path / "one", workers=1, **kw)
     assert "worker processes" not in capfd.readouterr().err
-    prepare(tmp_path / "two", workers=2, **kw)
+    prepare(tmp_path / "two", workers=2, **kw)  # a small source: workers started once its rows are counted
     assert "[prepare] 2 worker processes" in capfd.readouterr().err
     assert_same_files(tmp_path / "one", tmp_path / "two")
+    monkeypatch.setattr(sources, "PARALLEL_CONVERSION_BYTES", 0)  # a large one: workers started before loading it
+    prepare(tmp_path / "early", workers=2, **kw)
+    assert capfd.readouterr().err.count("[prepare] 2 worker processes") == 1
+    assert_same_files(tmp_path / "one", tmp_path / "early")
     prepare(tmp_path / "streamed", workers=2, streaming=True, **kw)  # rows read here and sent to the workers
     for shard in sorted((tmp_path / "one").glob("*.bin")) + [tmp_path / "one" / "tokenizer.json"]:
         assert shard.read_bytes() == (tmp_path / "streamed" / shard.name).read_bytes(), shard.name
