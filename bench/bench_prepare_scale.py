@@ -2,7 +2,7 @@
 end to end by the command line (`launcher/prepare_data.py`, a fresh datasets cache each run) with 1 worker, 2, all
 cores, streamed, and as 2 parts run side by side plus their merge; tokens/s with ratios to 1 worker and a byte check
 of every output against its reference, in one Markdown table. Then the encoder alone on one copy of the corpus (the
-fast path with an empty and a full chunk cache, the tokenizer's own encode_batch), the reading process alone (the
+fast path with an empty and a full chunk cache, the tokenizer's own encode_batch), the main process alone (the
 serial part of a node), and the 10B-token projection from the measured per-core rate.
 
     python bench/bench_prepare_scale.py                 # ~3 min on 2 cores
@@ -22,12 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pascal_dist.data.encode import Encoder, documents  # noqa: E402
 from pascal_dist.data.parallel import default_workers, pin_tokenizer_threads  # noqa: E402
-from pascal_dist.data.prepare import build_tokenizer  # noqa: E402
-from pascal_dist.data.shards import read_manifest  # noqa: E402
+from pascal_dist.data.prepare import SplitWriter, build_tokenizer  # noqa: E402
+from pascal_dist.data.shards import open_shard, read_manifest  # noqa: E402
 from pascal_dist.data.sources import READ_BATCH, embedded_files, load_source, text_batches  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,22 +95,26 @@ def encoder_rows(files: list[str]) -> list[tuple[str, float, int]]:
     return rows
 
 
-def reader_rates(files: list[str], cache: Path, tokens: int) -> dict[str, float]:
-    """Tokens/s of what the reading process does per batch when workers encode (rows to Python strings, pickled for
-    a worker), materialised (from the `--workers 1` run's datasets cache) and streamed: the serial part of a node."""
-    import datasets
-
-    rates = {}
-    for kind in ("materialised", "streamed"):
-        if kind == "materialised":
-            ds = datasets.load_dataset("text", data_files=files, sample_by="paragraph", cache_dir=str(cache))["train"]
-        else:
-            ds = load_source("files", None, files, "paragraph", streaming=True)[0]["train"]
+def main_process_rates(files: list[str], reference: Path, tokens: int) -> dict[str, float]:
+    """Tokens/s of what the main process does per batch while workers encode: the serial part of a node. With a
+    materialised source it takes each result (pickled by a worker) and writes it to a shard; with a streamed one it
+    also reads the rows (to Python strings, pickled for a worker)."""
+    ids = np.concatenate([open_shard(reference / e["file"]) for e in read_manifest(reference)["splits"]["train"]])
+    per_batch = max(1, len(ids) * READ_BATCH // 1_600_000)  # ~1.6M rows for 50M tokens: tokens a batch yields
+    with tempfile.TemporaryDirectory() as t:
+        writer = SplitWriter(Path(t), "train", ids.dtype, 100_000_000)
         start = time.perf_counter()
-        for texts in text_batches(ds, "text", "files", "train"):
-            pickle.dumps((1, texts), protocol=pickle.HIGHEST_PROTOCOL)
-        rates[kind] = tokens / (time.perf_counter() - start)
-    return rates
+        for i in range(0, len(ids), per_batch):
+            result = pickle.dumps(({"train": (ids[i : i + per_batch], 1, 1)}, 0), protocol=pickle.HIGHEST_PROTOCOL)
+            writer.write(pickle.loads(result)[0]["train"][0], 1)
+        writer.close()
+        write = len(ids) / (time.perf_counter() - start)
+    ds = load_source("files", None, files, "paragraph", streaming=True)[0]["train"]
+    start = time.perf_counter()
+    for texts in text_batches(ds, "text", "files", "train"):
+        pickle.dumps((1, texts), protocol=pickle.HIGHEST_PROTOCOL)
+    read = tokens / (time.perf_counter() - start)
+    return {"materialised": write, "streamed": 1 / (1 / read + 1 / write)}
 
 
 def main() -> None:
@@ -160,7 +166,7 @@ def main() -> None:
         rows.append(("parts + merge", 2, t_parts + t_merge, merged))
 
         enc = encoder_rows(files)
-        readers = reader_rates(files, tmp / "hf-w1" / "datasets", tokens)
+        readers = main_process_rates(files, out["w1"], tokens)
     load_end = os.getloadavg()[0]
 
     print(
@@ -173,20 +179,20 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for label, workers, secs, ident in rows:
         print(f"| {label} | {workers} | {secs:.1f} | {tokens / secs / 1e6:.2f} M | {t1 / secs:.2f} | {ident} |")
-    print(f"\none copy of the corpus ({enc[0][2]:,} tokens), one core; then the reading process, all copies:\n")
+    print(f"\none copy of the corpus ({enc[0][2]:,} tokens), one core; then the main process, all copies:\n")
     print("| stage | seconds | tokens/s | vs `encode_batch` |")
     print("|---|---|---|---|")
     for label, secs, n in enc:
         print(f"| {label} | {secs:.2f} | {n / secs / 1e6:.2f} M | {enc[-1][1] / secs:.1f} |")
+    what = {"materialised": "results unpickled, shards written", "streamed": "also rows read and pickled"}
     for kind, rate in readers.items():
-        print(f"| reading process alone, {kind} (rows to Python strings, pickled) | {tokens / rate:.2f} | "
-              f"{rate / 1e6:.1f} M | |")  # fmt: skip
+        print(f"| main process alone, {kind} ({what[kind]}) | {tokens / rate:.2f} | {rate / 1e6:.1f} M | |")
 
     # The projection: the measured whole-run rate of one worker (its fixed costs included) times the measured
-    # per-worker efficiency of 2, per core; each part's reading process caps its part. This corpus repeats itself, so
+    # per-worker efficiency of 2, per core; each part's main process caps its part. This corpus repeats itself, so
     # after its first copy every chunk is in the encoder's cache; a real corpus keeps meeting new ones. The cold
     # column assumes the encoder runs at its empty-cache speed throughout (every chunk new once per worker): the
-    # lower bound. A 64-core node runs one part of 64 workers, or 8 parts of 8 (`--cpus-per-task=8`: 8 readers).
+    # lower bound. A 64-core node runs one part of 64 workers, or 8 parts of 8 (`--cpus-per-task=8`: 8 main processes).
     (_, cold_s, n), (_, warm_s, _) = enc[0], enc[1]
     per_core, efficiency = tokens / t1, t1 / t2 / 2
     per_core_cold = tokens / (t1 + tokens * (cold_s - warm_s) / n)
@@ -194,7 +200,7 @@ def main() -> None:
     minutes = lambda rate: 10e9 / rate / 60  # noqa: E731
     print(
         f"\nprojection, 10B tokens: per core {per_core / 1e6:.2f} M tokens/s ({per_core_cold / 1e6:.2f} M cold) x "
-        f"efficiency {efficiency:.2f}; each part capped by its reading process ({readers['materialised'] / 1e6:.0f} M "
+        f"efficiency {efficiency:.2f}; each part capped by its main process ({readers['materialised'] / 1e6:.0f} M "
         f"materialised, {readers['streamed'] / 1e6:.0f} M streamed); merge {merge_rate / 1e6:.0f} M tokens/s:\n"
     )
     print("| nodes | source | parts per node x workers | tokens/s | minutes | tokens/s, cold | minutes, cold |")
