@@ -419,10 +419,13 @@ def ablate_command(a: argparse.Namespace) -> int:
     seeds = _integers("--seeds", a.seeds)
     if a.sweep_warmup:
         arms = warmup_arms(_integers("--sweep-warmup", a.sweep_warmup))
-        baseline = arms[0].name
+        baseline, arms_flag = arms[0].name, f"--sweep-warmup {a.sweep_warmup}"
     else:
         arms, baseline = _backend_arms(a.arms, backend_arms()), "none"
-    md = ablate(a.out, a.config, a.ds_config, arms, seeds, a.nprocs, a.overrides, a.time_limit, baseline)
+        arms_flag = "" if len(arms) == len(backend_arms()) else f"--arms {','.join(arm.name for arm in arms)}"
+    md = ablate(
+        a.out, a.config, a.ds_config, arms, seeds, a.nprocs, a.overrides, a.time_limit, baseline, arms_flag=arms_flag
+    )
     print(f"{md}\n\nwritten {a.out}/summary.json, ablation.md, ablation.png; compare: tensorboard --logdir {a.out}")
     return 0
 

@@ -250,9 +250,12 @@ def ablate(
     time_limit_s: float = 0.0,
     baseline: str | None = None,
     timeout: float | None = None,
+    arms_flag: str = "",
 ) -> str:
     """Train every (arm, seed), score each on the held-out split, write the summary, table and plots; returns the
-    table. `baseline` defaults to the last arm (`none` in backend_arms) for the backend ablation."""
+    table. `baseline` defaults to the last arm (`none` in backend_arms) for the backend ablation. `arms_flag`: the
+    command line's choice of arms (`--arms ...` or `--sweep-warmup ...`), recorded in the command that reproduces
+    the results."""
     budget = [*overrides, *([f"train.time_limit_s={time_limit_s}"] if time_limit_s else [])]
     baseline = baseline or arms[-1].name
     started = time.time()
@@ -268,7 +271,7 @@ def ablate(
     summary = summarize(finals, baseline)
     command = " ".join(
         ["pascal-dist ablate", "--config", config, "--ds_config", ds_config, "--nprocs", str(nprocs)]
-        + ["--seeds", ",".join(map(str, seeds)), *budget]
+        + ["--seeds", ",".join(map(str, seeds)), *([arms_flag] if arms_flag else []), *budget]
     )
     summary.update(
         command=command,

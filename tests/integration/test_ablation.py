@@ -44,3 +44,16 @@ checkpoint: {{interval: 0}}
     assert curves["learned"]["bias/band_0"][-1][1] != 0.0  # the learned band moved away from its zero start
     seeds = {p.name for p in (out / "pascal").iterdir()}
     assert seeds == {"seed3", "seed4"}
+    assert "--arms" not in summary["command"]
+
+    # A subset of the arms, on runs already finished (resumed, so not retrained): the command records the choice.
+    assert (
+        cli.main(
+            ["ablate", "--out", str(out), "--config", str(cfg), "--nprocs", "1", "--seeds", "3"]
+            + ["--arms", "none,pascal"]
+        )
+        == 0
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["arms"]) == ["none", "pascal"] and "--seeds 3 --arms pascal,none" in summary["command"]
+    assert summary["finals"]["pascal"]["3"] == finals["pascal"]["3"]  # the same run, scored again
