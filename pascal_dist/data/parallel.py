@@ -133,13 +133,11 @@ class WorkerPool:
         self.close()
 
 
-def ordered_map(
-    function: Callable[..., Any], tasks: Iterable[tuple], workers: int, inline: int | None = None
-) -> Iterator[Any]:
-    """function(*task) for every task, in order. With workers > 1, the first `inline` tasks (INLINE_BATCHES unless
-    given) run here and the rest in a WorkerPool of `workers`, started when they are reached."""
+def ordered_map(function: Callable[..., Any], tasks: Iterable[tuple], workers: int) -> Iterator[Any]:
+    """function(*task) for every task, in order. With workers > 1, the first INLINE_BATCHES tasks run here and the
+    rest in a WorkerPool of `workers`, started when they are reached."""
     tasks = iter(tasks)
-    for task in itertools.islice(tasks, None if workers == 1 else INLINE_BATCHES if inline is None else inline):
+    for task in itertools.islice(tasks, None if workers == 1 else INLINE_BATCHES):
         yield function(*task)
     first = next(tasks, None)
     if first is None:

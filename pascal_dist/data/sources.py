@@ -76,7 +76,7 @@ def load_source(
         desc["streaming"] = True  # absent when materialised, so those descriptions read as they always have
     elif workers > 1:  # datasets converts whole files, one per process: a hub source has many
         paths = local_files(source, config, files)
-        if paths is None or (len(paths) > 1 and is_large_local(source, config, files)):
+        if paths is None or (len(paths) > 1 and _total_bytes(paths) >= PARALLEL_CONVERSION_BYTES):
             args["num_proc"] = workers
     try:
         loaded = datasets.load_dataset(name, **args)
@@ -109,7 +109,11 @@ def local_files(source: str, config: str | None, files: Sequence[str] | None) ->
 def is_large_local(source: str, config: str | None, files: Sequence[str] | None) -> bool:
     """Whether a local source's files are worth several processes from the start (PARALLEL_CONVERSION_BYTES)."""
     paths = local_files(source, config, files)
-    return paths is not None and sum(p.stat().st_size for p in paths) >= PARALLEL_CONVERSION_BYTES
+    return paths is not None and _total_bytes(paths) >= PARALLEL_CONVERSION_BYTES
+
+
+def _total_bytes(paths: Sequence[Path]) -> int:
+    return sum(p.stat().st_size for p in paths)
 
 
 def check_column(ds: Any, column: str, source: str, split: str) -> None:
