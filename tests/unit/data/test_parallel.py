@@ -49,6 +49,25 @@ def test_pool_starts_its_workers_at_once_preloads_modules_and_runs_several_funct
     assert not os.path.exists(directory)
 
 
+def _record_pool_and_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The order in which preparation starts its WorkerPool and loads its source."""
+    module = sys.modules["pascal_dist.data.prepare"]  # the package's `prepare` attribute is the function
+    events: list[str] = []
+    pool, load = module.WorkerPool, module.load_source
+
+    def recording_pool(*args, **kwargs):
+        events.append("pool")
+        return pool(*args, **kwargs)
+
+    def recording_load(*args, **kwargs):
+        events.append("load")
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(module, "WorkerPool", recording_pool)
+    monkeypatch.setattr(module, "load_source", recording_load)
+    return events
+
+
 def test_two_workers_write_the_bytes_one_writes(jsonl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd) -> None:  # noqa: F811
     # Small batches, none in this process: 2 workers encode ~10 batches of the 600 documents between them.
     monkeypatch.setattr(sources, "READ_BATCH", 64)
@@ -56,13 +75,17 @@ def test_two_workers_write_the_bytes_one_writes(jsonl, tmp_path: Path, monkeypat
     kw = dict(files=[str(jsonl[0])], vocab_size=VOCAB, val_fraction=0.2, shard_tokens=9000)
     prepare(tmp_path / "one", workers=1, **kw)
     assert "worker processes" not in capfd.readouterr().err
+    events = _record_pool_and_load(monkeypatch)
     prepare(tmp_path / "two", workers=2, **kw)  # a small source: workers started once its rows are counted
     assert "[prepare] 2 worker processes" in capfd.readouterr().err
     assert_same_files(tmp_path / "one", tmp_path / "two")
+    assert events == ["load", "pool"]
+    events.clear()
     monkeypatch.setattr(sources, "PARALLEL_CONVERSION_BYTES", 0)  # a large one: workers started before loading it
     prepare(tmp_path / "early", workers=2, **kw)
     assert capfd.readouterr().err.count("[prepare] 2 worker processes") == 1
     assert_same_files(tmp_path / "one", tmp_path / "early")
+    assert events == ["pool", "load"]
     prepare(tmp_path / "streamed", workers=2, streaming=True, **kw)  # rows read here and sent to the workers
     for shard in sorted((tmp_path / "one").glob("*.bin")) + [tmp_path / "one" / "tokenizer.json"]:
         assert shard.read_bytes() == (tmp_path / "streamed" / shard.name).read_bytes(), shard.name
