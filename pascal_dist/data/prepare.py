@@ -47,6 +47,7 @@ from pascal_dist.data.sources import (
     embedded_files,
     load_source,
     part_of,
+    part_range,
     text_batches,
 )
 
@@ -66,7 +67,11 @@ __all__ = [
 ]
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[EOS]"]
-PRELOAD = ("datasets", "pascal_dist.data.encode")  # what a worker process imports as it starts
+PRELOAD = ("pyarrow", "pascal_dist.data.encode")  # what a worker process imports as it starts (not datasets)
+# Rows a worker task reads and encodes: 16 read batches, about a tenth of a second of work. With single batches the
+# pool's cost per task (pickling, the pipes, waking this process, which shares the cores) took 10-15% of 2 workers'
+# time on 2 cores; at this size the 50M-token benchmark has about a hundred tasks, so none waits long at the end.
+TASK_ROWS = 16 * sources.READ_BATCH
 # The tokenizer is trained on the first this many train documents, not the whole corpus: a vocabulary of 8192 is
 # settled long before (this is millions of tokens), and training runs in one process before the workers start (about
 # 2 s on one core for 50,000 paragraphs of the plays). Corpora of fewer train documents (the embedded plays: 21,684)
@@ -394,8 +399,11 @@ def _tokenize(
         tasks = ((i, texts) for i, name, ds in todo for texts in text_batches(ds, column, source, name))
         results = ordered_map(pipeline, tasks, workers)
     else:
-        rows = {i: RowBatches(ds, column) for i, _, ds in todo}
-        ranges = ((i, start, stop) for i, batches in rows.items() for start, stop in batches.ranges())
+        # each reads the whole split's cache files (as loaded), from its first row in this part to its last
+        index, count = parse_part(settings["part"]) or (0, 1)
+        bounds = {i: part_range(len(plan[i][1]), index, count) if name == "train" else None for i, name, _ in todo}
+        rows = {i: RowBatches(plan[i][1], column, *(bounds[i] or ())) for i, _, _ in todo}
+        ranges = ((i, start, stop) for i, batches in rows.items() for start, stop in batches.ranges(TASK_ROWS))
         results = pool.map(_OnRows(pipeline, rows), ranges)
     for routed, dropped in results:
         overlap += dropped

@@ -126,13 +126,22 @@ def check_column(ds: Any, column: str, source: str, split: str) -> None:
         )
 
 
+def part_range(rows: int, index: int, count: int) -> tuple[int, int]:
+    """Rows [start, stop) of piece `index` of `count` contiguous pieces of `rows` rows, the first `rows % count`
+    pieces one row longer (how datasets' contiguous `shard` divides a split)."""
+    size, extra = divmod(rows, count)
+    start = index * size + min(index, extra)
+    return start, start + size + (index < extra)
+
+
 def part_of(ds: Any, index: int, count: int, split: str) -> Any:
-    """Piece `index` of `count` contiguous pieces of a split, in order: rows when materialised, source files when
-    streamed (a streamed split has no row count). Concatenated in index order the pieces are the whole split."""
+    """Piece `index` of `count` contiguous pieces of a split, in order: rows when materialised (`part_range`), source
+    files when streamed (a streamed split has no row count). Concatenated in index order the pieces are the whole
+    split."""
     if count == 1:
         return ds
     if hasattr(ds, "__len__"):
-        return ds.shard(num_shards=count, index=index, contiguous=True)
+        return ds.select(range(*part_range(len(ds), index, count)))
     if count > ds.num_shards:
         raise DataError(
             f"--part {index}/{count} with --streaming divides split {split!r} by its source files, and it has "
@@ -154,16 +163,57 @@ def text_batches(ds: Any, column: str, source: str, split: str) -> Iterator[list
         yield batch[column]
 
 
+def _open_cache_file(path: str) -> Any:
+    """One of datasets' Arrow cache files as a pyarrow Table, memory-mapped: opening reads its record batches'
+    metadata, not its rows."""
+    import pyarrow as pa
+
+    return pa.ipc.open_stream(pa.memory_map(path)).read_all()
+
+
 class RowBatches:
-    """A materialised split's `column` in batches of READ_BATCH rows, read by row range: a worker process reads its
-    own batches, and no text crosses between processes (the split pickles as a reference to datasets'
-    memory-mapped cache, not as its rows). The same lists as `text_batches`."""
+    """Rows [start, stop) of a materialised split's `column`, read by row range in whichever process calls it: a
+    worker process reads its own rows, and no text crosses between processes. The same lists as `text_batches`.
 
-    def __init__(self, ds: Any, column: str) -> None:
-        self.ds, self.column = ds.select_columns([column]), column
+    `ds` must be a split as `load_source` returned it (not a selection of it): its rows are then its cache files'
+    rows in order, which pyarrow reads without datasets, so a worker never imports datasets (about a second of CPU
+    on each start). Where that does not hold (a split with no cache files, held in memory), the split itself is
+    pickled and read through datasets.
+    """
 
-    def ranges(self) -> list[tuple[int, int]]:
-        return [(start, min(start + READ_BATCH, len(self.ds))) for start in range(0, len(self.ds), READ_BATCH)]
+    def __init__(self, ds: Any, column: str, start: int = 0, stop: int | None = None) -> None:
+        self.column, self.start, self.stop = column, start, len(ds) if stop is None else stop
+        self.files: list[tuple[str, int]] = []  # (cache file, the split's row where it starts)
+        self.ds: Any = None
+        self._tables: dict[str, Any] = {}
+        first = 0
+        for cache in ds.cache_files:
+            table = _open_cache_file(cache["filename"])
+            if column not in table.column_names:
+                break
+            self.files.append((cache["filename"], first))
+            first += table.num_rows
+        else:
+            if self.files and first == len(ds):
+                return
+        self.files, self.ds = [], ds.select_columns([column])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tables": {}}  # each process maps the files itself
+
+    def ranges(self, rows: int) -> list[tuple[int, int]]:
+        """[start, stop) in pieces of `rows` rows (the last one shorter)."""
+        return [(a, min(a + rows, self.stop)) for a in range(self.start, self.stop, rows)]
 
     def __call__(self, start: int, stop: int) -> list[str | None]:
-        return self.ds[start:stop][self.column]
+        if self.ds is not None:
+            return self.ds[start:stop][self.column]
+        texts: list[str | None] = []
+        for path, first in self.files:
+            if path not in self._tables:
+                self._tables[path] = _open_cache_file(path)
+            table = self._tables[path]
+            lo, hi = max(start - first, 0), min(stop - first, table.num_rows)
+            if lo < hi:
+                texts += table.column(self.column).slice(lo, hi - lo).to_pylist()
+        return texts

@@ -69,8 +69,9 @@ def _record_pool_and_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def test_two_workers_write_the_bytes_one_writes(jsonl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd) -> None:  # noqa: F811
-    # Small batches, none in this process: 2 workers encode ~10 batches of the 600 documents between them.
+    # Small batches, none in this process: 2 workers encode ~10 tasks of the 600 documents between them.
     monkeypatch.setattr(sources, "READ_BATCH", 64)
+    monkeypatch.setattr(sys.modules["pascal_dist.data.prepare"], "TASK_ROWS", 64)
     monkeypatch.setattr(parallel, "INLINE_BATCHES", 0)
     kw = dict(files=[str(jsonl[0])], vocab_size=VOCAB, val_fraction=0.2, shard_tokens=9000)
     prepare(tmp_path / "one", workers=1, **kw)

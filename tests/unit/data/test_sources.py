@@ -82,6 +82,74 @@ def test_row_batches_read_by_range_what_text_batches_read_in_order(jsonl, monkey
     splits, _ = sources.load_source("files", None, [str(jsonl[0])], "paragraph")
     rows = pickle.loads(pickle.dumps(sources.RowBatches(splits["train"], "text")))  # as a worker process gets it
     assert len(pickle.dumps(rows)) < 10_000  # a reference to the cache, not the rows
-    by_range = [rows(start, stop) for start, stop in rows.ranges()]
+    by_range = [rows(start, stop) for start, stop in rows.ranges(64)]
     assert len(by_range) == 10
     assert by_range == list(sources.text_batches(splits["train"], "text", "files", "train"))
+
+
+def test_row_batches_of_parts_read_the_cache_files_in_a_process_without_datasets(jsonl, tmp_path, monkeypatch) -> None:  # noqa: F811
+    import pickle
+    import subprocess
+    import sys
+
+    from pascal_dist.data import sources
+
+    docs = jsonl[1]
+    for name, piece in (("a", docs[:250]), ("b", docs[250:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in piece))
+    monkeypatch.setattr(sources, "PARALLEL_CONVERSION_BYTES", 0)  # converted by 2 processes: 2 cache files
+    splits, _ = sources.load_source(
+        "files", None, [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], "line", workers=2
+    )
+    whole = splits["train"]
+    assert len(whole.cache_files) == 2
+    parts = [sources.RowBatches(whole, "text", *sources.part_range(len(whole), i, 3)) for i in range(3)]
+    assert all(p.ds is None for p in parts)  # read by pyarrow, not through datasets
+    (tmp_path / "parts.pkl").write_bytes(pickle.dumps(parts))
+    read = (  # what a worker process does: unpickle, read its ranges, and never import datasets
+        "import pickle, sys; parts = pickle.load(open(sys.argv[1], 'rb'));"
+        "print(repr([[p(a, b) for a, b in p.ranges(7)] for p in parts])); print('datasets' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", read, str(tmp_path / "parts.pkl")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    by_range, imported = out.stdout.splitlines()
+    assert imported == "False"
+    expected = [
+        [
+            t
+            for texts in sources.text_batches(sources.part_of(whole, i, 3, "train"), "text", "f", "train")
+            for t in texts
+        ]
+        for i in range(3)
+    ]
+    assert [[t for texts in part for t in texts] for part in eval(by_range)] == expected  # noqa: S307
+    assert [t for part in expected for t in part] == docs  # the parts, in order, are the whole split
+
+
+def test_part_range_divides_rows_as_datasets_shard_does() -> None:
+    import datasets
+
+    from pascal_dist.data.sources import part_range
+
+    for rows in (1, 5, 17):
+        ds = datasets.Dataset.from_dict({"i": list(range(rows))})
+        for count in (c for c in (1, 2, 3, 6) if c <= rows):  # datasets refuses empty pieces
+            for index in range(count):
+                start, stop = part_range(rows, index, count)
+                assert ds.shard(num_shards=count, index=index, contiguous=True)["i"] == list(range(start, stop))
+    assert [part_range(2, i, 3) for i in range(3)] == [(0, 1), (1, 2), (2, 2)]  # more parts than rows: empty ones
+
+
+def test_row_batches_of_a_split_held_in_memory_read_through_datasets() -> None:
+    import datasets
+
+    from pascal_dist.data.sources import RowBatches
+
+    ds = datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(10)], "n": list(range(10))})
+    rows = RowBatches(ds, "text", 2, 9)
+    assert rows.ds is not None  # no cache files to read
+    assert [rows(a, b) for a, b in rows.ranges(3)] == [
+        ["row 2", "row 3", "row 4"],
+        ["row 5", "row 6", "row 7"],
+        ["row 8"],
+    ]
