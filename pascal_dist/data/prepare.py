@@ -67,7 +67,7 @@ __all__ = [
 ]
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[EOS]"]
-PRELOAD = ("pyarrow", "pascal_dist.data.encode")  # what a worker process imports as it starts (not datasets)
+PRELOAD = ("pyarrow", __name__)  # what a worker process imports as it starts: not datasets (see RowBatches)
 # Rows a worker task reads and encodes: 16 read batches, about a tenth of a second of work. With single batches the
 # pool's cost per task (pickling, the pipes, waking this process, which shares the cores) took 10-15% of 2 workers'
 # time on 2 cores; at this size the 50M-token benchmark has about a hundred tasks, so none waits long at the end.
