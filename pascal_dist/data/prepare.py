@@ -68,10 +68,11 @@ __all__ = [
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[EOS]"]
 PRELOAD = ("pyarrow", __name__)  # what a worker process imports as it starts: not datasets (see RowBatches)
-# Rows a worker task reads and encodes: 16 read batches, about a tenth of a second of work. With single batches the
-# pool's cost per task (pickling, the pipes, waking this process, which shares the cores) took 10-15% of 2 workers'
-# time on 2 cores; at this size the 50M-token benchmark has about a hundred tasks, so none waits long at the end.
-TASK_ROWS = 16 * sources.READ_BATCH
+# Text a task cleans and encodes, in bytes: about a tenth of a second of work on one core, in a worker or here. Tasks
+# of 1,024 rows of the benchmark's paragraphs (about 130 KB) spent about 15% more CPU a token, in one process as in
+# several; at this size the 50M-token benchmark has about a hundred tasks, so none waits long at the end, and a
+# worker holds a few tasks' text and tokens (IN_FLIGHT), a few MB, whatever the length of the documents.
+TASK_BYTES = 2 << 20
 # The tokenizer is trained on the first this many train documents, not the whole corpus: a vocabulary of 8192 is
 # settled long before (this is millions of tokens), and training runs in one process before the workers start (about
 # 2 s on one core for 50,000 paragraphs of the plays). Corpora of fewer train documents (the embedded plays: 21,684)
@@ -142,6 +143,24 @@ class _OnRows:
 
     def __call__(self, entry: int, start: int, stop: int) -> tuple[dict[str, tuple[np.ndarray, int, int]], int]:
         return self.pipeline(entry, self.rows[entry](start, stop))
+
+
+def _as_tasks(batches: Iterator[tuple[int, list[str | None]]]) -> Iterator[tuple[int, list[str | None]]]:
+    """Streamed batches (plan entry, rows) as ordered_map's tasks: the first INLINE_BATCHES as they come (done in
+    this process while workers would start), then consecutive rows of one entry joined to TASK_BYTES of text."""
+    batches = iter(batches)
+    yield from itertools.islice(batches, parallel.INLINE_BATCHES)
+    for entry, group in itertools.groupby(batches, key=lambda batch: batch[0]):
+        texts: list[str | None] = []
+        size = 0
+        for _, batch in group:
+            texts += batch
+            size += sum(len(t) for t in batch if t)
+            if size >= TASK_BYTES:
+                yield entry, texts
+                texts, size = [], 0
+        if texts:
+            yield entry, texts
 
 
 def parse_part(part: str | None) -> tuple[int, int] | None:
@@ -361,8 +380,9 @@ def _tokenize(
     workers: int,
     pool: WorkerPool | None,
 ) -> dict[str, Any]:
-    """_write_all's work: the withheld hashes, the tokenizer, and every batch encoded (in `pool` if given, each worker
-    reading its batches' rows, else by ordered_map) and written in order."""
+    """_write_all's work: the withheld hashes, the tokenizer, and every task encoded and written in order. A
+    materialised source's tasks are row ranges, read where they run (in `pool` if given, else here); a streamed
+    source is read here and its text given to ordered_map."""
     source, column, val_fraction = settings["source"] or "--files", settings["text_column"], settings["val_fraction"]
     tokenizer, sample = settings["tokenizer"], settings["tokenizer_sample"]
 
@@ -395,16 +415,17 @@ def _tokenize(
     words: dict[str, int] = {}  # whitespace words of the raw documents: the per-word perplexity denominator
     overlap = 0
     bar = tqdm(desc="encoding", unit="tok", unit_scale=True, file=sys.stderr)
-    if pool is None:
-        tasks = ((i, texts) for i, name, ds in todo for texts in text_batches(ds, column, source, name))
-        results = ordered_map(pipeline, tasks, workers)
-    else:
+    if all(hasattr(ds, "__len__") for _, _, ds in todo):  # materialised: rows read by range, in `pool` or here
         # each reads the whole split's cache files (as loaded), from its first row in this part to its last
         index, count = parse_part(settings["part"]) or (0, 1)
         bounds = {i: part_range(len(plan[i][1]), index, count) if name == "train" else None for i, name, _ in todo}
         rows = {i: RowBatches(plan[i][1], column, *(bounds[i] or ())) for i, _, _ in todo}
-        ranges = ((i, start, stop) for i, batches in rows.items() for start, stop in batches.ranges(TASK_ROWS))
-        results = pool.map(_OnRows(pipeline, rows), ranges)
+        ranges = ((i, a, b) for i, r in rows.items() for a, b in r.ranges(r.rows_of(TASK_BYTES)))
+        on_rows = _OnRows(pipeline, rows)
+        results = pool.map(on_rows, ranges) if pool else (on_rows(*task) for task in ranges)
+    else:  # streamed: read here
+        tasks = ((i, texts) for i, name, ds in todo for texts in text_batches(ds, column, source, name))
+        results = ordered_map(pipeline, _as_tasks(tasks), workers)
     for routed, dropped in results:
         overlap += dropped
         for dest, (ids, n_docs, n_words) in routed.items():

@@ -182,21 +182,23 @@ class RowBatches:
     """
 
     def __init__(self, ds: Any, column: str, start: int = 0, stop: int | None = None) -> None:
-        self.column, self.start, self.stop = column, start, len(ds) if stop is None else stop
+        self.column, self.rows = column, len(ds)
+        self.start, self.stop = start, self.rows if stop is None else stop
         self.files: list[tuple[str, int]] = []  # (cache file, the split's row where it starts)
         self.ds: Any = None
         self._tables: dict[str, Any] = {}
-        first = 0
+        first, self.nbytes = 0, 0  # the column's bytes in the whole split
         for cache in ds.cache_files:
             table = _open_cache_file(cache["filename"])
             if column not in table.column_names:
                 break
             self.files.append((cache["filename"], first))
-            first += table.num_rows
+            first, self.nbytes = first + table.num_rows, self.nbytes + table.column(column).nbytes
         else:
             if self.files and first == len(ds):
                 return
         self.files, self.ds = [], ds.select_columns([column])
+        self.nbytes = self.ds.data.nbytes
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_tables": {}}  # each process maps the files itself
@@ -204,6 +206,10 @@ class RowBatches:
     def ranges(self, rows: int) -> list[tuple[int, int]]:
         """[start, stop) in pieces of `rows` rows (the last one shorter)."""
         return [(a, min(a + rows, self.stop)) for a in range(self.start, self.stop, rows)]
+
+    def rows_of(self, nbytes: int) -> int:
+        """Rows that hold about `nbytes` of the column, on average over the split (at least 1)."""
+        return max(1, nbytes * self.rows // max(self.nbytes, 1))
 
     def __call__(self, start: int, stop: int) -> list[str | None]:
         if self.ds is not None:

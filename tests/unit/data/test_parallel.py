@@ -71,7 +71,7 @@ def _record_pool_and_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_two_workers_write_the_bytes_one_writes(jsonl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd) -> None:  # noqa: F811
     # Small batches, none in this process: 2 workers encode ~10 tasks of the 600 documents between them.
     monkeypatch.setattr(sources, "READ_BATCH", 64)
-    monkeypatch.setattr(sys.modules["pascal_dist.data.prepare"], "TASK_ROWS", 64)
+    monkeypatch.setattr(sys.modules["pascal_dist.data.prepare"], "TASK_BYTES", 64 * 130)
     monkeypatch.setattr(parallel, "INLINE_BATCHES", 0)
     kw = dict(files=[str(jsonl[0])], vocab_size=VOCAB, val_fraction=0.2, shard_tokens=9000)
     prepare(tmp_path / "one", workers=1, **kw)
@@ -90,3 +90,14 @@ def test_two_workers_write_the_bytes_one_writes(jsonl, tmp_path: Path, monkeypat
     prepare(tmp_path / "streamed", workers=2, streaming=True, **kw)  # rows read here and sent to the workers
     for shard in sorted((tmp_path / "one").glob("*.bin")) + [tmp_path / "one" / "tokenizer.json"]:
         assert shard.read_bytes() == (tmp_path / "streamed" / shard.name).read_bytes(), shard.name
+
+
+def test_streamed_batches_become_tasks_of_one_entry_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = sys.modules["pascal_dist.data.prepare"]
+    monkeypatch.setattr(parallel, "INLINE_BATCHES", 2)
+    monkeypatch.setattr(module, "TASK_BYTES", 10)
+    batches = [(0, ["aaaa", None]), (0, ["bb"]), (0, ["cccccc"]), (0, ["dddd", ""]), (0, ["e"]), (1, ["ffffffffffff"])]
+    batches += [(1, ["g"])]
+    tasks = list(module._as_tasks(iter(batches)))
+    assert tasks[:2] == batches[:2]  # done in this process as they come
+    assert tasks[2:] == [(0, ["cccccc", "dddd", ""]), (0, ["e"]), (1, ["ffffffffffff"]), (1, ["g"])]
