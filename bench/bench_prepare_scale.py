@@ -1,4 +1,4 @@
-"""Benchmark: preparation at scale. The embedded corpus repeated to --tokens (50M by default) in a temp dir (in memory
+"""Benchmark: preparation at scale. The embedded corpus repeated to --tokens (100M by default) in a temp dir (in memory
 where /dev/shm is), prepared end to end by the command line (`launcher/prepare_data.py`, a fresh datasets cache each
 run) with 1 worker and 2 (in pairs, the ratio taken within each), all cores, streamed, and as 2 parts run side by
 side plus their merge; tokens/s with ratios to 1 worker and a byte check of every output against its reference, in
@@ -6,7 +6,8 @@ one Markdown table. Then the encoder alone on one copy of the corpus (the fast p
 cache, the tokenizer's own encode_batch), the main process alone (the serial part of a node), and the 10B-token
 projection from the measured per-core rate.
 
-    python bench/bench_prepare_scale.py                 # ~4 min on 2 cores
+    python bench/bench_prepare_scale.py                 # ~8 min on 2 cores
+    python bench/bench_prepare_scale.py --tokens 5e7    # half the corpus: start-up weighs twice as much
     python bench/bench_prepare_scale.py --tokens 5e6    # a quick look
 """
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pascal_dist.data.encode import Encoder, documents  # noqa: E402
 from pascal_dist.data.parallel import default_workers, pin_tokenizer_threads  # noqa: E402
-from pascal_dist.data.prepare import SplitWriter, build_tokenizer  # noqa: E402
+from pascal_dist.data.prepare import TASK_BYTES, SplitWriter, build_tokenizer  # noqa: E402
 from pascal_dist.data.shards import open_shard, read_manifest  # noqa: E402
 from pascal_dist.data.sources import READ_BATCH, embedded_files, load_source, text_batches  # noqa: E402
 
@@ -101,7 +102,7 @@ def main_process_rates(files: list[str], reference: Path, tokens: int) -> dict[s
     materialised source it takes each result (pickled by a worker) and writes it to a shard; with a streamed one it
     also reads the rows (to Python strings, pickled for a worker)."""
     ids = np.concatenate([open_shard(reference / e["file"]) for e in read_manifest(reference)["splits"]["train"]])
-    per_batch = max(1, len(ids) * READ_BATCH // 1_600_000)  # ~1.6M rows for 50M tokens: tokens a batch yields
+    per_batch = max(1, len(ids) * TASK_BYTES // sum(Path(f).stat().st_size for f in files))  # tokens a task yields
     with tempfile.TemporaryDirectory() as t:
         writer = SplitWriter(Path(t), "train", ids.dtype, 100_000_000)
         start = time.perf_counter()
@@ -120,7 +121,9 @@ def main_process_rates(files: list[str], reference: Path, tokens: int) -> dict[s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", type=float, default=50e6, help="corpus size in tokens (default 50M)")
+    # 100M by default: at 50M, what does not scale with workers (starting Python and the workers, importing datasets,
+    # training the tokenizer, about 3.5 s) is a third of a 2-worker run on 2 cores; here it is a fifth
+    ap.add_argument("--tokens", type=float, default=100e6, help="corpus size in tokens (default 100M)")
     ap.add_argument("--plays", type=int, default=42, help="plays of the embedded corpus in one copy (default all 42)")
     ap.add_argument("--repeat", type=int, default=5, help="pairs of 1- and 2-worker runs (default 5; median reported)")
     ap.add_argument(

@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
@@ -121,6 +121,10 @@ class WorkerPool:
         finally:
             for future in pending:
                 future.cancel()
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> Future:
+        """function(*args) in a worker, as soon as one is free; its result (or exception) through the future."""
+        return self._pool.submit(function, *args)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -78,6 +79,9 @@ TASK_BYTES = 2 << 20
 # 2 s on one core for 50,000 paragraphs of the plays). Corpora of fewer train documents (the embedded plays: 21,684)
 # train on all of them, as before this setting existed.
 DEFAULT_TOKENIZER_SAMPLE = 50_000
+# A sample up to this many documents is read first and sent whole to a worker to train on (see _train_in_pool): a
+# few hundred MB at most. A larger one, or "all", is streamed into the trainer in this process.
+EARLY_SAMPLE_DOCS = 1_000_000
 
 
 # Recorded in the settings of every directory whose tokenizer was trained here: a change to build_tokenizer must
@@ -319,6 +323,7 @@ def prepare(
     # second of CPU each) while this process imports datasets and loads the source, not while it trains the tokenizer.
     early = workers > 1 and not streaming and sources.is_large_local(source, config, files)
     with WorkerPool(workers, PRELOAD) if early else contextlib.nullcontext() as pool:
+        trained = _train_in_pool(pool, settings) if pool and existing is None else None
         splits, desc = load_source(source, config, files, sample_by, streaming, workers)
         if existing is not None and already_prepared(out, existing, desc, settings):
             return existing
@@ -328,7 +333,7 @@ def prepare(
             check_column(splits[name], text_column, source, name)
 
         def build(tmp: Path) -> dict[str, Any]:
-            manifest = _write_all(tmp, splits, settings, workers, pool)
+            manifest = _write_all(tmp, splits, settings, workers, pool, trained)
             manifest.update(
                 format_version=FORMAT_VERSION, source=desc, settings=settings, fingerprint=fingerprint(desc, settings)
             )
@@ -345,16 +350,70 @@ def prepare(
     return manifest
 
 
+def _plan(splits: dict[str, Any], split: str) -> list[tuple[str, Any]]:
+    """(name, split) in the order they are written: the source's evaluation splits first and its training split last,
+    so that each one's documents can be withheld from every later one and no text lands in two splits."""
+    plan = [(f"source_{n}", splits[n]) for n in EVAL_SPLITS if n in splits and n != split]
+    return [*plan, ("train", splits[split])]
+
+
+def _docs(name: str, ds: Any, settings: dict[str, Any]) -> Iterator[tuple[str, bytes]]:
+    source = settings["source"] or "--files"
+    return (d for texts in text_batches(ds, settings["text_column"], source, name) for d in documents(texts))
+
+
+def _withheld(plan: list[tuple[str, Any]], settings: dict[str, Any]) -> list[frozenset[bytes]]:
+    """withheld[i]: the hashes of the documents of the plan's entries before i (the evaluation splits are small)."""
+    withheld: list[frozenset[bytes]] = [frozenset()]
+    for name, ds in plan[:-1]:
+        withheld.append(withheld[-1] | {digest for _, digest in _docs(name, ds, settings)})
+    return withheld
+
+
+def _sample(plan: list[tuple[str, Any]], withheld: frozenset[bytes], settings: dict[str, Any]) -> Iterator[str]:
+    """The tokenizer's sample: the first `tokenizer_sample` documents that go to train, from the start of the whole
+    split in every part."""
+    sample, val_fraction = settings["tokenizer_sample"], settings["val_fraction"]
+    train = (d for d, h in _docs("train", plan[-1][1], settings) if h not in withheld and not is_val(h, val_fraction))
+    return train if sample == "all" else itertools.islice(train, sample)
+
+
+def _trained_json(vocab_size: int, min_frequency: int, docs: list[str]) -> str:
+    return build_tokenizer(vocab_size, min_frequency, iter(docs)).to_str()
+
+
+def _train_in_pool(pool: WorkerPool, settings: dict[str, Any]) -> Future | None:
+    """Start training the tokenizer in a worker, on the sample read from the source streamed, so that it trains
+    while this process converts the source to datasets' cache (about 1.5 s each at 50M tokens, which one process did
+    one after the other). Streamed and materialised, a source gives the same rows in the same order, so the same
+    sample and the same tokenizer. None where the tokenizer is given, where the sample is too large to hold and send
+    (EARLY_SAMPLE_DOCS), or where the source has no such split (the materialised load then says so)."""
+    sample = settings["tokenizer_sample"]
+    if settings["tokenizer"] or sample == "all" or sample > EARLY_SAMPLE_DOCS:
+        return None
+    source, config, files = settings["source"] or EMBEDDED, settings["config"], settings["files"]
+    streamed, _ = load_source(source, config, files, settings["sample_by"], streaming=True)
+    if settings["split"] not in streamed:
+        return None
+    plan = _plan(streamed, settings["split"])
+    docs = list(_sample(plan, _withheld(plan, settings)[-1], settings))
+    return pool.submit(_trained_json, settings["vocab_size"], settings["min_frequency"], docs)
+
+
 def _write_all(
-    tmp: Path, splits: dict[str, Any], settings: dict[str, Any], workers: int, pool: WorkerPool | None
+    tmp: Path,
+    splits: dict[str, Any],
+    settings: dict[str, Any],
+    workers: int,
+    pool: WorkerPool | None,
+    trained: Future | None = None,
 ) -> dict[str, Any]:
     """Tokenize every split (or this part of them) into `tmp`, in `pool` if the source is materialised and large
     (a pool is started here if none was given); returns the manifest's splits, documents, words and tokenizer."""
     # Source eval splits go first and each one's documents are withheld from every later split (train last),
     # so no text lands in two splits. withheld[i] = hashes of the eval splits before plan[i]. Every part reads the
     # eval splits whole for this (they are small); part 0 writes them.
-    plan = [(f"source_{n}", splits[n]) for n in EVAL_SPLITS if n in splits and n != settings["split"]]
-    plan.append(("train", splits[settings["split"]]))
+    plan = _plan(splits, settings["split"])
     index, count = parse_part(settings["part"]) or (0, 1)
     todo = [  # (plan index, name, rows this run encodes)
         (i, name, part_of(ds, index, count, name) if name == "train" else ds)
@@ -369,7 +428,7 @@ def _write_all(
     with contextlib.ExitStack() as stack:
         if large and pool is None:
             pool = stack.enter_context(WorkerPool(workers, PRELOAD))
-        return _tokenize(tmp, plan, todo, settings, workers, pool if large else None)
+        return _tokenize(tmp, plan, todo, settings, workers, pool if large else None, trained)
 
 
 def _tokenize(
@@ -379,26 +438,20 @@ def _tokenize(
     settings: dict[str, Any],
     workers: int,
     pool: WorkerPool | None,
+    trained: Future | None,
 ) -> dict[str, Any]:
-    """_write_all's work: the withheld hashes, the tokenizer, and every task encoded and written in order. A
-    materialised source's tasks are row ranges, read where they run (in `pool` if given, else here); a streamed
-    source is read here and its text given to ordered_map."""
+    """_write_all's work: the withheld hashes, the tokenizer (given, `trained` already, or trained here), and every
+    task encoded and written in order. A materialised source's tasks are row ranges, read where they run (in `pool`
+    if given, else here); a streamed source is read here and its text given to ordered_map."""
     source, column, val_fraction = settings["source"] or "--files", settings["text_column"], settings["val_fraction"]
-    tokenizer, sample = settings["tokenizer"], settings["tokenizer_sample"]
-
-    def docs(name: str, ds: Any) -> Iterator[tuple[str, bytes]]:
-        return (d for texts in text_batches(ds, column, source, name) for d in documents(texts))
-
-    withheld: list[frozenset[bytes]] = [frozenset()]
-    for name, ds in plan[:-1]:
-        withheld.append(withheld[-1] | {digest for _, digest in docs(name, ds)})
-
+    tokenizer = settings["tokenizer"]
+    withheld = _withheld(plan, settings)
     if tokenizer:
         tok = Tokenizer.from_file(tokenizer)
-    else:  # the first `sample` documents that go to train, from the start of the whole split in every part
-        train = (d for d, h in docs("train", plan[-1][1]) if h not in withheld[-1] and not is_val(h, val_fraction))
-        train = train if sample == "all" else itertools.islice(train, sample)
-        tok = build_tokenizer(settings["vocab_size"], settings["min_frequency"], train)
+    elif trained is not None:
+        tok = Tokenizer.from_str(trained.result())
+    else:
+        tok = build_tokenizer(settings["vocab_size"], settings["min_frequency"], _sample(plan, withheld[-1], settings))
     eos = tok.token_to_id("[EOS]")
     if eos is None:
         raise DataError(f"{tokenizer}: tokenizer has no [EOS] token")

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pascal_dist.cli import main
-from pascal_dist.data import DataError, prepare, read_manifest
+from pascal_dist.data import DataError, parallel, prepare, read_manifest, sources
 from pascal_dist.data.merge import merge_parts
 from tests.unit.data.test_prepare import VOCAB, corpus, write_wikitext
 
@@ -74,6 +75,23 @@ def test_merged_parts_equal_the_single_process_directory(wikitext: Path, single:
     capsys.readouterr()
     assert main(["prepare", "--merge", *map(str, parts), "--out", str(merged)]) == 0  # the CLI, and idempotent
     assert "already prepared" in capsys.readouterr().out
+
+
+def test_parts_prepared_by_workers_merge_to_the_single_process_directory(
+    wikitext: Path, single: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each part's workers start first and train the tokenizer on the sample read streamed (the eval splits'
+    # documents withheld), then read the part's rows from the whole split's cache files, a few rows a task.
+    module = sys.modules["pascal_dist.data.prepare"]
+    monkeypatch.setattr(sources, "PARALLEL_CONVERSION_BYTES", 0)
+    monkeypatch.setattr(module, "TASK_BYTES", 2000)
+    monkeypatch.setattr(parallel, "INLINE_BATCHES", 0)
+    trained_here = []
+    monkeypatch.setattr(module, "build_tokenizer", lambda *a: trained_here.append(a))
+    parts = prepare_parts(wikitext, tmp_path, 2, shard_tokens=3000, workers=2)
+    assert trained_here == []  # every part's tokenizer came from a worker
+    merge_parts(parts, tmp_path / "merged")
+    assert_same_files(tmp_path / "merged", single)
 
 
 def test_streamed_parts_divide_files_and_merge_to_the_streamed_single_run(tmp_path: Path, capsys) -> None:

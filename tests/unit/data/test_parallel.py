@@ -50,21 +50,27 @@ def test_pool_starts_its_workers_at_once_preloads_modules_and_runs_several_funct
 
 
 def _record_pool_and_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The order in which preparation starts its WorkerPool and loads its source."""
+    """The order in which preparation starts its WorkerPool, loads its source (streamed or not) and trains its
+    tokenizer in this process."""
     module = sys.modules["pascal_dist.data.prepare"]  # the package's `prepare` attribute is the function
     events: list[str] = []
-    pool, load = module.WorkerPool, module.load_source
+    pool, load, train = module.WorkerPool, module.load_source, module.build_tokenizer
 
     def recording_pool(*args, **kwargs):
         events.append("pool")
         return pool(*args, **kwargs)
 
     def recording_load(*args, **kwargs):
-        events.append("load")
+        events.append("load streamed" if kwargs.get("streaming") else "load")
         return load(*args, **kwargs)
+
+    def recording_train(*args, **kwargs):
+        events.append("train here")
+        return train(*args, **kwargs)
 
     monkeypatch.setattr(module, "WorkerPool", recording_pool)
     monkeypatch.setattr(module, "load_source", recording_load)
+    monkeypatch.setattr(module, "build_tokenizer", recording_train)
     return events
 
 
@@ -80,13 +86,15 @@ def test_two_workers_write_the_bytes_one_writes(jsonl, tmp_path: Path, monkeypat
     prepare(tmp_path / "two", workers=2, **kw)  # a small source: workers started once its rows are counted
     assert "[prepare] 2 worker processes" in capfd.readouterr().err
     assert_same_files(tmp_path / "one", tmp_path / "two")
-    assert events == ["load", "pool"]
+    assert events == ["load", "pool", "train here"]  # the workers start while the tokenizer trains
     events.clear()
-    monkeypatch.setattr(sources, "PARALLEL_CONVERSION_BYTES", 0)  # a large one: workers started before loading it
+    # A large one: workers started before loading it, and the tokenizer trained in one of them on the sample read
+    # streamed, while this process converts the source; the same tokenizer, the same bytes.
+    monkeypatch.setattr(sources, "PARALLEL_CONVERSION_BYTES", 0)
     prepare(tmp_path / "early", workers=2, **kw)
     assert capfd.readouterr().err.count("[prepare] 2 worker processes") == 1
     assert_same_files(tmp_path / "one", tmp_path / "early")
-    assert events == ["pool", "load"]
+    assert events == ["pool", "load streamed", "load"]
     prepare(tmp_path / "streamed", workers=2, streaming=True, **kw)  # rows read here and sent to the workers
     for shard in sorted((tmp_path / "one").glob("*.bin")) + [tmp_path / "one" / "tokenizer.json"]:
         assert shard.read_bytes() == (tmp_path / "streamed" / shard.name).read_bytes(), shard.name
