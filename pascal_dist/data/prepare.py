@@ -71,13 +71,13 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[EOS]"]
 PRELOAD = ("pyarrow", __name__)  # what a worker process imports as it starts: not datasets (see RowBatches)
 # Text a task cleans and encodes, in bytes: about a tenth of a second of work on one core, in a worker or here. Tasks
 # of 1,024 rows of the benchmark's paragraphs (about 130 KB) spent about 15% more CPU a token, in one process as in
-# several; at this size the 50M-token benchmark has about a hundred tasks, so none waits long at the end, and a
+# several; at this size the 50M-token benchmark corpus makes about a hundred tasks, so none waits long at the end, and a
 # worker holds a few tasks' text and tokens (IN_FLIGHT), a few MB, whatever the length of the documents.
 TASK_BYTES = 2 << 20
 # The tokenizer is trained on the first this many train documents, not the whole corpus: a vocabulary of 8192 is
-# settled long before (this is millions of tokens), and training runs in one process before the workers start (about
-# 2 s on one core for 50,000 paragraphs of the plays). Corpora of fewer train documents (the embedded plays: 21,684)
-# train on all of them, as before this setting existed.
+# settled long before (this is millions of tokens), and training is one process's work (about 2 s on one core for
+# 50,000 paragraphs of the plays), which the workers wait for. Corpora of fewer train documents (the embedded plays:
+# 21,684) train on all of them, as before this setting existed.
 DEFAULT_TOKENIZER_SAMPLE = 50_000
 # A sample up to this many documents is read first and sent whole to a worker to train on (see _train_in_pool): a
 # few hundred MB at most. A larger one, or "all", is streamed into the trainer in this process.
