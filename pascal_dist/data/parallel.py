@@ -85,9 +85,9 @@ def _call(path: str, task: tuple) -> Any:
 
 class WorkerPool:
     """`workers` spawned processes, started when the pool is made, so that their start-up overlaps the caller's own
-    work (a preparation makes it before training the tokenizer, which the functions it runs need). Each function
-    given to `map` is pickled once, to a file every worker loads on its first task of it; `preload` names modules
-    the workers import as they start (datasets, to read rows, takes about half a second)."""
+    work (a preparation makes it before loading its source). Each function given to `map` is pickled once, to a file
+    every worker loads on its first task of it; `submit` runs one call in a worker (a preparation's tokenizer
+    training); `preload` names modules the workers import as they start."""
 
     def __init__(self, workers: int, preload: Sequence[str] = ()) -> None:
         self.workers, self._said = workers, False
