@@ -48,7 +48,6 @@ from pascal_dist.data.sources import (
     embedded_files,
     load_source,
     part_of,
-    part_range,
     text_batches,
 )
 
@@ -323,7 +322,7 @@ def prepare(
     # second of CPU each) while this process imports datasets and loads the source, not while it trains the tokenizer.
     early = workers > 1 and not streaming and sources.is_large_local(source, config, files)
     with WorkerPool(workers, PRELOAD) if early else contextlib.nullcontext() as pool:
-        trained = _train_in_pool(pool, settings) if pool and existing is None else None
+        trained = _train_in_pool(pool, source, settings) if pool and existing is None else None
         splits, desc = load_source(source, config, files, sample_by, streaming, workers)
         if existing is not None and already_prepared(out, existing, desc, settings):
             return existing
@@ -382,7 +381,7 @@ def _trained_json(vocab_size: int, min_frequency: int, docs: list[str]) -> str:
     return build_tokenizer(vocab_size, min_frequency, iter(docs)).to_str()
 
 
-def _train_in_pool(pool: WorkerPool, settings: dict[str, Any]) -> Future | None:
+def _train_in_pool(pool: WorkerPool, source: str, settings: dict[str, Any]) -> Future | None:
     """Start training the tokenizer in a worker, on the sample read from the source streamed, so that it trains
     while this process converts the source to datasets' cache (about 1.5 s each at 50M tokens, which one process did
     one after the other). Streamed and materialised, a source gives the same rows in the same order, so the same
@@ -391,8 +390,7 @@ def _train_in_pool(pool: WorkerPool, settings: dict[str, Any]) -> Future | None:
     sample = settings["tokenizer_sample"]
     if settings["tokenizer"] or sample == "all" or sample > EARLY_SAMPLE_DOCS:
         return None
-    source, config, files = settings["source"] or EMBEDDED, settings["config"], settings["files"]
-    streamed, _ = load_source(source, config, files, settings["sample_by"], streaming=True)
+    streamed, _ = load_source(source, settings["config"], settings["files"], settings["sample_by"], streaming=True)
     if settings["split"] not in streamed:
         return None
     plan = _plan(streamed, settings["split"])
@@ -415,16 +413,19 @@ def _write_all(
     # eval splits whole for this (they are small); part 0 writes them.
     plan = _plan(splits, settings["split"])
     index, count = parse_part(settings["part"]) or (0, 1)
-    todo = [  # (plan index, name, rows this run encodes)
-        (i, name, part_of(ds, index, count, name) if name == "train" else ds)
+    todo = [  # (plan index, name, rows this run encodes: train's part, an eval split whole)
+        (i, name, part_of(ds, settings["text_column"], *((index, count) if name == "train" else (0, 1)), name))
         for i, (name, ds) in enumerate(plan)
         if name == "train" or index == 0
     ]
-    # A materialised source knows its size: a large one goes to the workers, each reading its own batches' rows. A
-    # streamed or small one is read here (a streamed one's first batches done here while workers would start; a
-    # small one never pays for them).
-    rows = sum(len(ds) for _, _, ds in todo) if all(hasattr(ds, "__len__") for _, _, ds in todo) else None
-    large = workers > 1 and rows is not None and rows > parallel.INLINE_BATCHES * sources.READ_BATCH
+    # A materialised source knows its size: a large one goes to the workers, each reading its own rows. A streamed
+    # or small one is read here (a streamed one's first batches done here while workers would start; a small one
+    # never pays for them).
+    if all(isinstance(rows, RowBatches) for _, _, rows in todo):
+        size = sum(rows.stop - rows.start for _, _, rows in todo)
+    else:
+        size = 0
+    large = workers > 1 and size > parallel.INLINE_BATCHES * sources.READ_BATCH
     with contextlib.ExitStack() as stack:
         if large and pool is None:
             pool = stack.enter_context(WorkerPool(workers, PRELOAD))
@@ -468,11 +469,8 @@ def _tokenize(
     words: dict[str, int] = {}  # whitespace words of the raw documents: the per-word perplexity denominator
     overlap = 0
     bar = tqdm(desc="encoding", unit="tok", unit_scale=True, file=sys.stderr)
-    if all(hasattr(ds, "__len__") for _, _, ds in todo):  # materialised: rows read by range, in `pool` or here
-        # each reads the whole split's cache files (as loaded), from its first row in this part to its last
-        index, count = parse_part(settings["part"]) or (0, 1)
-        bounds = {i: part_range(len(plan[i][1]), index, count) if name == "train" else None for i, name, _ in todo}
-        rows = {i: RowBatches(plan[i][1], column, *(bounds[i] or ())) for i, _, _ in todo}
+    if all(isinstance(rows, RowBatches) for _, _, rows in todo):  # materialised: read where the tasks run
+        rows = {i: batches for i, _, batches in todo}
         ranges = ((i, a, b) for i, r in rows.items() for a, b in r.ranges(r.rows_of(TASK_BYTES)))
         on_rows = _OnRows(pipeline, rows)
         results = pool.map(on_rows, ranges) if pool else (on_rows(*task) for task in ranges)

@@ -134,14 +134,14 @@ def part_range(rows: int, index: int, count: int) -> tuple[int, int]:
     return start, start + size + (index < extra)
 
 
-def part_of(ds: Any, index: int, count: int, split: str) -> Any:
-    """Piece `index` of `count` contiguous pieces of a split, in order: rows when materialised (`part_range`), source
-    files when streamed (a streamed split has no row count). Concatenated in index order the pieces are the whole
-    split."""
+def part_of(ds: Any, column: str, index: int, count: int, split: str) -> Any:
+    """Piece `index` of `count` contiguous pieces of a split, in order, as this run reads it: a materialised split's
+    rows (`part_range`) as RowBatches of its `column`, read from the whole split's cache files; a streamed split's
+    source files (it has no row count). Concatenated in index order the pieces are the whole split."""
+    if hasattr(ds, "__len__"):
+        return RowBatches(ds, column, *part_range(len(ds), index, count))
     if count == 1:
         return ds
-    if hasattr(ds, "__len__"):
-        return ds.select(range(*part_range(len(ds), index, count)))
     if count > ds.num_shards:
         raise DataError(
             f"--part {index}/{count} with --streaming divides split {split!r} by its source files, and it has "
@@ -193,11 +193,12 @@ class RowBatches:
             if column not in table.column_names:
                 break
             self.files.append((cache["filename"], first))
+            self._tables[cache["filename"]] = table  # kept for reads in this process; not pickled
             first, self.nbytes = first + table.num_rows, self.nbytes + table.column(column).nbytes
         else:
             if self.files and first == len(ds):
                 return
-        self.files, self.ds = [], ds.select_columns([column])
+        self.files, self.ds, self._tables = [], ds.select_columns([column]), {}
         self.nbytes = self.ds.data.nbytes
 
     def __getstate__(self) -> dict[str, Any]:

@@ -103,7 +103,7 @@ def test_row_batches_of_parts_read_the_cache_files_in_a_process_without_datasets
     )
     whole = splits["train"]
     assert len(whole.cache_files) == 2
-    parts = [sources.RowBatches(whole, "text", *sources.part_range(len(whole), i, 3)) for i in range(3)]
+    parts = [sources.part_of(whole, "text", i, 3, "train") for i in range(3)]
     assert all(p.ds is None for p in parts)  # read by pyarrow, not through datasets
     (tmp_path / "parts.pkl").write_bytes(pickle.dumps(parts))
     read = (  # what a worker process does: unpickle, read its ranges, and never import datasets
@@ -117,7 +117,9 @@ def test_row_batches_of_parts_read_the_cache_files_in_a_process_without_datasets
     expected = [
         [
             t
-            for texts in sources.text_batches(sources.part_of(whole, i, 3, "train"), "text", "f", "train")
+            for texts in sources.text_batches(
+                whole.select(range(*sources.part_range(len(whole), i, 3))), "text", "f", "t"
+            )
             for t in texts
         ]
         for i in range(3)
